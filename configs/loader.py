@@ -1,0 +1,100 @@
+"""Read a YAML config, apply `--set key=value` overrides, validate into a `PipelineConfig`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from configs.schema import PipelineConfig
+
+
+class ConfigError(ValueError):
+    """A config the user can fix: the message is one line naming the file or key and the fix."""
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
+    """Load `path`, merge the dotted `KEY=VALUE` overrides into it, then validate.
+
+    Raises:
+        ConfigError: unreadable YAML, a malformed override, or a key or value the schema rejects.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read config ({error.strerror}); pass an existing file with -c") from None
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" line {where.line + 1}" if where else ""
+        raise ConfigError(f"{path}:{line} is not valid YAML ({getattr(error, 'problem', error)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys such as data:, pretrain:, head:")
+    for override in overrides:
+        _apply_override(raw, override)
+    return validate_config(raw, source=str(path))
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(f"{source}: {describe_validation_error(error)}") from None
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line for the first problem: the dotted key, what is wrong, and how to fix it."""
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        known = ", ".join(_known_keys(first["loc"][:-1]))
+        message = f"unknown key '{key}'; valid keys here: {known}"
+    else:
+        message = f"invalid value for '{key}': {first['msg']} (got {first.get('input')!r})"
+    more = len(error.errors()) - 1
+    return message + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
+
+
+def _known_keys(location: tuple) -> list[str]:
+    model: type[BaseModel] = PipelineConfig
+    for part in location:
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    return list(model.model_fields)
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. --set finetune.epochs=3")
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {override!r}: '{part}' is a value, not a section")
+        node = child
+    node[leaf] = yaml.safe_load(text) if text else ""
+
+
+def to_yaml(config: PipelineConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(config: BaseModel) -> dict[str, str]:
+    """The whole config as dotted keys, e.g. {'finetune.optimizer.lr': '0.001'}: MLflow params."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for name, item in value.items():
+                walk(f"{prefix}.{name}" if prefix else name, item)
+        else:
+            flat[prefix] = str(value)
+
+    walk("", config.model_dump(mode="json"))
+    return flat

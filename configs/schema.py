@@ -1,0 +1,172 @@
+"""The pipeline's configuration: one strict Pydantic model per phase, composed into `PipelineConfig`.
+
+Every model forbids unknown keys, so a typo in a YAML file or a `--set` override is an error that names
+the key instead of a setting that is silently ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import model_validator
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OptimizerConfig(StrictModel):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: PositiveFloat = 1e-3
+    weight_decay: NonNegativeFloat = 0.0
+    momentum: NonNegativeFloat = Field(0.9, description="SGD only.")
+
+
+class SchedulerConfig(StrictModel):
+    """Learning-rate schedule, stepped once per epoch."""
+
+    name: Literal["none", "step", "cosine", "plateau", "exponential"] = "none"
+    step_size_epochs: PositiveInt = Field(10, description="step: epochs between decays.")
+    gamma: float = Field(0.1, gt=0, le=1, description="step, exponential, plateau: decay factor.")
+    patience_epochs: NonNegativeInt = Field(2, description="plateau: epochs without val/loss improvement.")
+    min_lr: NonNegativeFloat = Field(0.0, description="cosine: final lr; plateau: lower bound.")
+
+
+class EarlyStoppingConfig(StrictModel):
+    """Stop when val/loss has not improved by `min_delta` for `patience_epochs` epochs."""
+
+    enabled: bool = False
+    patience_epochs: PositiveInt = 5
+    min_delta: NonNegativeFloat = 0.0
+    restore_best: bool = True
+
+
+class AugmentConfig(StrictModel):
+    """Batched tensor augmentation applied to pretraining inputs (zero everywhere: off)."""
+
+    rotation_deg: NonNegativeFloat = 0.0
+    translate_fraction: float = Field(0.0, ge=0, lt=0.5)
+    scale_delta: float = Field(0.0, ge=0, lt=1, description="Scale drawn from [1 - d, 1 + d].")
+    hflip: bool = False
+    noise_std: NonNegativeFloat = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return any([self.rotation_deg, self.translate_fraction, self.scale_delta, self.hflip, self.noise_std])
+
+
+class TrainConfig(StrictModel):
+    """What every training phase shares: budget, optimizer, schedule, stopping, clipping, retries."""
+
+    epochs: PositiveInt = 5
+    batch_size: PositiveInt = 128
+    optimizer: OptimizerConfig = OptimizerConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    grad_clip_norm: PositiveFloat | None = None
+    retries: NonNegativeInt = Field(1, description="Prefect task retries for this phase.")
+    retry_delay_s: NonNegativeFloat = 0.0
+
+
+class PretrainConfig(TrainConfig):
+    """Stage 1: the encoder learns by reconstructing its input through a decoder."""
+
+    denoise_std: NonNegativeFloat = Field(
+        0.0, description="Gaussian noise added to the encoder's input only; the target stays clean."
+    )
+    augment: AugmentConfig = AugmentConfig()
+
+
+class SupervisedConfig(TrainConfig):
+    class_weighted: bool = Field(False, description="Weight cross-entropy by inverse class frequency.")
+
+
+class HeadConfig(SupervisedConfig):
+    """Stage 2: a classification head on the frozen encoder's features."""
+
+    cache_features: bool = Field(
+        True, description="Run the frozen encoder once and train the head on the cached features."
+    )
+
+
+class FinetuneConfig(SupervisedConfig):
+    """Stage 3: everything trains; the encoder at `optimizer.lr * encoder_lr_ratio`."""
+
+    encoder_lr_ratio: float = Field(0.1, gt=0, le=1)
+
+
+class EvalConfig(StrictModel):
+    batch_size: PositiveInt = 1024
+    retries: NonNegativeInt = 1
+    retry_delay_s: NonNegativeFloat = 0.0
+
+
+DatasetName = Literal["digits", "mnist", "fashion_mnist", "kmnist", "cifar10", "image_folder"]
+
+
+class DataConfig(StrictModel):
+    dataset: DatasetName = "digits"
+    root: Path = Field(Path("data"), description="Downloads and the cache of prepared tensors.")
+    mirror: Path | None = Field(None, description="A directory holding the data set's original archives.")
+    download: bool = True
+    image_folder: Path | None = Field(None, description="image_folder: a directory with one folder per class.")
+    image_size: PositiveInt = Field(32, description="image_folder: images are resized to this square size.")
+    channels: Literal[1, 3] = Field(3, description="image_folder: 1 = grayscale, 3 = RGB.")
+    mean: list[float] | None = Field(None, description="Per-channel mean; none: measured on the training split.")
+    std: list[PositiveFloat] | None = Field(None, description="Per-channel std; none: measured on the training split.")
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="Only for data sets without an official test split.")
+    label_fraction: float = Field(
+        1.0, gt=0, le=1, description="Stratified share of training labels used by head and finetune."
+    )
+    retries: NonNegativeInt = Field(2, description="Prefect task retries, e.g. for a flaky download.")
+    retry_delay_s: NonNegativeFloat = 5.0
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> DataConfig:
+        if self.dataset == "image_folder" and self.image_folder is None:
+            raise ValueError("data.image_folder must be set when data.dataset is image_folder")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("set data.mean and data.std together (or neither, to measure them)")
+        if self.mean is not None and len(self.mean) != len(self.std):
+            raise ValueError("data.mean and data.std need one value per channel each")
+        return self
+
+
+class ModelConfig(StrictModel):
+    """Encoder, decoder (the encoder mirrored) and classification head."""
+
+    kind: Literal["mlp", "cnn"] = "mlp"
+    encoder_widths: list[PositiveInt] = Field(
+        [256, 128], min_length=1, description="Linear layers of the encoder; the last is the feature size."
+    )
+    conv_channels: list[PositiveInt] = Field(
+        [32, 64], min_length=1, description="cnn: channels of the stride-2 conv layers before encoder_widths."
+    )
+    head_widths: list[PositiveInt] = Field([64], description="Hidden layers of the head.")
+    activation: Literal["relu", "gelu", "tanh", "leaky_relu"] = "relu"
+    dropout: float = Field(0.0, ge=0, lt=1)
+    batchnorm: bool = False
+
+
+class PipelineConfig(StrictModel):
+    name: str = Field("twostage", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="MLflow experiment name.")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    output_dir: Path = Field(Path("outputs"), description="Phase checkpoints.")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    head: HeadConfig = HeadConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    evaluate: EvalConfig = EvalConfig()
+
+
+def fingerprint(*parts: BaseModel | str | int | float) -> str:
+    """sha256 of the parts' canonical JSON: the same settings give the same hex digest."""
+    payload = [p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

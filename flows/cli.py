@@ -1,0 +1,88 @@
+"""`twostage`: the command line. Parses, loads and validates the config, then runs the flow.
+
+Exit codes: 0 success; 2 bad input (config, data) with one line on stderr and no traceback;
+1 anything unexpected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from configs.loader import ConfigError, load_config
+
+DEFAULT_CONFIG = "configs/quickstart.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="twostage", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run the pipeline once (Prefect ephemeral server unless PREFECT_API_URL is set)")
+    run.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})")
+    run.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value before validation, e.g. --set finetune.epochs=3 (repeatable)",
+    )
+    args = parser.parse_args(argv)
+    # Offline-friendly Prefect: its server would otherwise log a failed telemetry call on every run.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    try:
+        return run_pipeline(args.config, args.overrides)
+    except ConfigError as error:
+        print(f"twostage: error: {error}", file=sys.stderr)
+        return 2
+
+
+def run_pipeline(config_path: str, overrides: list[str]) -> int:
+    config = load_config(config_path, overrides)
+    from models.device import resolve_device
+
+    resolve_device(config.device)  # fail before any run is opened if the device is missing
+
+    from flows.two_stage import two_stage  # imports Prefect, MLflow and torch: only once the config is valid
+    from tasks.tracking import tracking_uri
+
+    _hide_tracebacks_of_config_errors()
+    report = two_stage(config)
+    metrics = "  ".join(f"{name} {value:.4f}" for name, value in report.metrics.items())
+    uri = tracking_uri()
+    print(f"\n{config.name}: {metrics}")
+    print(f"MLflow run: {report.pipeline_run_id} (experiment {config.name}, tracking URI {uri})")
+    if uri.startswith("http"):
+        print(f"Open it: {uri.rstrip('/')}/#/experiments/{report.experiment_id}/runs/{report.pipeline_run_id}")
+    else:
+        print(f"Open it: {_mlflow_command()} ui --backend-store-uri {uri}   then http://127.0.0.1:5000")
+    return 0
+
+
+def _mlflow_command() -> str:
+    """The `mlflow` executable of this Python environment, as a path that works without activating it."""
+    beside = Path(sys.executable).parent / "mlflow"
+    if not beside.exists():
+        return "mlflow"
+    try:
+        return str(beside.relative_to(Path.cwd()))
+    except ValueError:
+        return str(beside)
+
+
+class _NoTracebackForConfigErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], ConfigError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _hide_tracebacks_of_config_errors() -> None:
+    """Prefect logs a failed task's traceback; for a config or data mistake the one-line message is enough."""
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict) if name.startswith("prefect")]
+    for logger in [logging.getLogger(), *loggers]:
+        for handler in logger.handlers:
+            handler.addFilter(_NoTracebackForConfigErrors())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Loss functions for `fit` and the batched tensor augmentation that stage 1 can use."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from configs.schema import AugmentConfig
+from models.training import LossFn
+
+
+def reconstruction_loss(augment: AugmentConfig, denoise_std: float) -> LossFn:
+    """Stage 1: MSE between the decoder's output and the (augmented) input.
+
+    With `denoise_std` > 0 the encoder sees a noisy copy and the target stays clean (a denoising
+    autoencoder). Unlike the tutorial's `MSE(features, features.detach())`, which is identically zero,
+    this loss depends on every encoder weight through the decoder.
+    """
+
+    def loss(model: nn.Module, images: torch.Tensor, _targets: torch.Tensor) -> torch.Tensor:
+        clean = augment_batch(images, augment) if augment.enabled else images
+        seen = clean + denoise_std * torch.randn_like(clean) if denoise_std else clean
+        return F.mse_loss(model.reconstruct(seen), clean)
+
+    return loss
+
+
+def classification_loss(class_weights: torch.Tensor | None = None) -> LossFn:
+    """Stages 2 and 3: cross-entropy of the model's logits, optionally class-weighted."""
+
+    def loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(inputs), targets, weight=class_weights)
+
+    return loss
+
+
+def inverse_frequency_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Weights that make each class contribute equally to the loss (mean weight 1 over samples)."""
+    counts = torch.bincount(labels, minlength=num_classes).float().clamp(min=1)
+    return len(labels) / (num_classes * counts)
+
+
+def augment_batch(images: torch.Tensor, config: AugmentConfig) -> torch.Tensor:
+    """Random rotation, scale, translation, horizontal flip and noise, drawn per image, all on-device.
+
+    images: (B, C, H, W), normalised; borders are filled by replicating the edge pixels.
+    """
+    batch = images.shape[0]
+    device = images.device
+
+    def uniform(*shape: int) -> torch.Tensor:  # in [-1, 1)
+        return torch.rand(*shape, device=device) * 2 - 1
+
+    if config.rotation_deg or config.scale_delta or config.translate_fraction:
+        angle = uniform(batch) * math.radians(config.rotation_deg)
+        scale = 1 + uniform(batch) * config.scale_delta
+        shift = uniform(batch, 2) * config.translate_fraction * 2  # grid coordinates span [-1, 1]
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        theta = torch.stack(
+            [torch.stack([cos, -sin, shift[:, 0]], dim=1), torch.stack([sin, cos, shift[:, 1]], dim=1)], dim=1
+        )  # (B, 2, 3)
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        images = F.grid_sample(images, grid, padding_mode="border", align_corners=False)
+    if config.hflip:
+        flip = torch.rand(batch, device=device) < 0.5
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    if config.noise_std:
+        images = images + config.noise_std * torch.randn_like(images)
+    return images

@@ -1,0 +1,216 @@
+"""The one training loop every phase shares, and the pieces it is configured with.
+
+Plain PyTorch: data are tensors already on the device, batches are index slices of a random permutation,
+and the loop reports through a callback. It knows nothing of phases, Prefect or MLflow.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from configs.schema import EarlyStoppingConfig, OptimizerConfig, SchedulerConfig, TrainConfig
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (model, inputs, targets) -> scalar
+Validate = Callable[[nn.Module], dict[str, float]]  # model -> {"val/loss": ..., ...}
+
+
+class NonFiniteLossError(FloatingPointError):
+    def __init__(self, epoch: int, loss: float):
+        super().__init__(f"training loss became {loss} in epoch {epoch}")
+        self.epoch = epoch
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    epochs: int
+    train_loss: float
+    val: dict[str, float]
+    lr: float
+    seconds: float
+
+    def metrics(self) -> dict[str, float]:
+        return {"train/loss": self.train_loss, **self.val, "lr": self.lr}
+
+
+@dataclass
+class FitResult:
+    history: list[EpochStats] = field(default_factory=list)
+    best_epoch: int = 0
+    stopped_early: bool = False
+
+
+def freeze(module: nn.Module) -> None:
+    """No gradients for `module`; `train_mode` also keeps it in eval() (BatchNorm stats, Dropout)."""
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
+
+
+def train_mode(model: nn.Module) -> None:
+    """model.train(), except that every fully frozen submodule stays in eval()."""
+    model.train()
+
+    def keep_frozen_in_eval(module: nn.Module) -> None:
+        for child in module.children():
+            parameters = list(child.parameters())
+            if parameters and not any(p.requires_grad for p in parameters):
+                child.eval()
+            else:
+                keep_frozen_in_eval(child)
+
+    keep_frozen_in_eval(model)
+
+
+def make_optimizer(param_groups: Iterable[dict], config: OptimizerConfig) -> torch.optim.Optimizer:
+    """An optimizer over `param_groups`; a group's "lr_scale" multiplies `config.lr`."""
+    groups = [
+        {"params": group["params"], "lr": config.lr * group.get("lr_scale", 1.0)} for group in param_groups
+    ]
+    if config.name == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    optimizer_class = torch.optim.AdamW if config.name == "adamw" else torch.optim.Adam
+    return optimizer_class(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: SchedulerConfig, epochs: int):
+    """A torch scheduler stepped once per epoch, or None."""
+    lr_scheduler = torch.optim.lr_scheduler
+    if config.name == "step":
+        return lr_scheduler.StepLR(optimizer, step_size=config.step_size_epochs, gamma=config.gamma)
+    if config.name == "exponential":
+        return lr_scheduler.ExponentialLR(optimizer, gamma=config.gamma)
+    if config.name == "cosine":
+        return lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=config.min_lr)
+    if config.name == "plateau":
+        return lr_scheduler.ReduceLROnPlateau(
+            optimizer, factor=config.gamma, patience=config.patience_epochs, min_lr=config.min_lr
+        )
+    return None
+
+
+class EarlyStopping:
+    """Tracks the best val/loss and its weights; says when patience has run out."""
+
+    def __init__(self, config: EarlyStoppingConfig):
+        self.config = config
+        self.best_loss = math.inf
+        self.best_epoch = 0
+        self.best_state: dict | None = None
+
+    def update(self, model: nn.Module, epoch: int, val_loss: float) -> bool:
+        """Record this epoch; True when training should stop."""
+        if val_loss < self.best_loss - self.config.min_delta:
+            self.best_loss, self.best_epoch = val_loss, epoch
+            if self.config.restore_best:
+                self.best_state = copy.deepcopy(model.state_dict())
+        return self.config.enabled and epoch - self.best_epoch >= self.config.patience_epochs
+
+
+def fit(
+    model: nn.Module,
+    param_groups: list[dict],
+    loss_fn: LossFn,
+    data: tuple[torch.Tensor, torch.Tensor],
+    validate: Validate,
+    config: TrainConfig,
+    on_epoch: Callable[[EpochStats], None],
+    generator: torch.Generator,
+) -> FitResult:
+    """Train the parameters in `param_groups` of `model` on `data` = (inputs, targets).
+
+    Args:
+        param_groups: [{"params": [...], "lr_scale": 1.0}, ...]: only these parameters are optimized.
+        loss_fn: the loss of one batch; it decides what a batch means (reconstruction, classes).
+        validate: metrics of the model after an epoch; "val/loss" drives schedules and early stopping.
+        generator: CPU generator for the batch order, so runs with the same seed repeat exactly.
+
+    Raises:
+        NonFiniteLossError: the epoch's training loss was NaN or infinite.
+    """
+    inputs, targets = data
+    optimizer = make_optimizer(param_groups, config.optimizer)
+    scheduler = make_scheduler(optimizer, config.scheduler, config.epochs)
+    stopper = EarlyStopping(config.early_stopping)
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    result = FitResult()
+    count = len(inputs)
+    for epoch in range(1, config.epochs + 1):
+        started = time.perf_counter()
+        train_mode(model)
+        order = torch.randperm(count, generator=generator).to(inputs.device)
+        total = torch.zeros((), device=inputs.device)
+        for start in range(0, count, config.batch_size):
+            index = order[start : start + config.batch_size]
+            if len(index) == 1 and count > 1:
+                continue  # a lone trailing sample would break BatchNorm and adds nothing
+            loss = loss_fn(model, inputs[index], targets[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip_norm:
+                nn.utils.clip_grad_norm_(trainable, config.grad_clip_norm)
+            optimizer.step()
+            total += loss.detach() * len(index)
+        train_loss = (total / count).item()  # the epoch's one host sync
+        if not math.isfinite(train_loss):
+            raise NonFiniteLossError(epoch, train_loss)
+        val = validate(model)
+        lr = optimizer.param_groups[0]["lr"]
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(val["val/loss"])
+        elif scheduler is not None:
+            scheduler.step()
+        stop = stopper.update(model, epoch, val["val/loss"])
+        stats = EpochStats(epoch, config.epochs, train_loss, val, lr, time.perf_counter() - started)
+        result.history.append(stats)
+        on_epoch(stats)
+        if stop:
+            result.stopped_early = True
+            break
+    result.best_epoch = stopper.best_epoch
+    if config.early_stopping.enabled and config.early_stopping.restore_best and stopper.best_state is not None:
+        model.load_state_dict(stopper.best_state)
+    return result
+
+
+@torch.inference_mode()
+def classification_metrics(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int
+) -> tuple[float, float, torch.Tensor]:
+    """(mean cross-entropy, accuracy, predicted classes) of `model` in eval mode."""
+    was_training = model.training
+    model.eval()
+    logits = torch.cat([model(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])
+    model.train(was_training)
+    loss = nn.functional.cross_entropy(logits, targets).item()
+    predictions = logits.argmax(dim=1)
+    return loss, (predictions == targets).float().mean().item(), predictions
+
+
+@torch.inference_mode()
+def reconstruction_error(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> float:
+    """Mean squared error of `model.reconstruct` on `inputs`, in eval mode."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=inputs.device)
+    for i in range(0, len(inputs), batch_size):
+        batch = inputs[i : i + batch_size]
+        total += nn.functional.mse_loss(model.reconstruct(batch), batch, reduction="sum")
+    model.train(was_training)
+    return (total / inputs.numel()).item()
+
+
+@torch.no_grad()  # not inference_mode: the features are inputs of a later backward pass
+def encode(encoder: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Features of a frozen encoder in eval mode, computed once: (N, ...) -> (N, features)."""
+    was_training = encoder.training
+    encoder.eval()
+    features = torch.cat([encoder(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])
+    encoder.train(was_training)
+    return features

@@ -1,0 +1,64 @@
+"""The small typed values phases hand each other: paths, fingerprints, metrics and run ids, never tensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from configs.schema import ModelConfig
+
+
+class Value(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunContext(Value):
+    """Where a pipeline run writes and logs; created once per flow run by `tracking.pipeline_run`."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    seed: int
+    device: str
+    output_dir: Path
+
+
+class DataBundle(Value):
+    """Prepared, normalised splits saved by `prepare_data` (a file of uint8 tensors plus statistics)."""
+
+    path: Path
+    fingerprint: str
+    dataset: str
+    source: str
+    class_names: list[str]
+    input_shape: tuple[int, int, int]
+    sizes: dict[str, int]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+class Checkpoint(Value):
+    """A phase's trained weights (a state-dict file) and what is needed to rebuild the network."""
+
+    phase: str
+    path: Path
+    sha256: str
+    model: ModelConfig
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    metrics: dict[str, float]
+    run_id: str
+
+
+class EvalReport(Value):
+    """Test-set results of the finished model."""
+
+    metrics: dict[str, float]
+    per_class: dict[str, dict[str, float]]
+    run_id: str
+    pipeline_run_id: str
+    experiment_id: str
+    model_uri: str

@@ -1,0 +1,154 @@
+"""MLflow, and only here: one parent run per pipeline run, one child run per phase.
+
+Run ids are always passed explicitly through `MlflowClient` (MLflow's active run is thread-local, and
+Prefect may run tasks on other threads). Metrics go in one batch call per epoch.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+import torch
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from configs.loader import flatten, to_yaml
+from configs.schema import PipelineConfig, fingerprint
+from models.device import resolve_device
+from tasks.results import RunContext
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI` when set, else a sqlite store in the working directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+@functools.cache
+def _client(uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri)
+
+
+def _git_commit() -> str:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return result.stdout.strip() if result.returncode == 0 else "unknown"
+
+
+@contextmanager
+def pipeline_run(config: PipelineConfig, flow_run_id: str | None) -> Iterator[RunContext]:
+    """Open the parent run: tags, the flattened config as params, the resolved config as an artifact."""
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    client = _client(uri)
+    experiment = client.get_experiment_by_name(config.name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.name)
+    config_hash = fingerprint(config)
+    parent = client.create_run(
+        experiment_id,
+        run_name=f"{config.name}-{config_hash[:7]}",
+        tags={
+            "twostage.config_hash": config_hash,
+            "twostage.git_commit": _git_commit(),
+            "twostage.flow_run_id": str(flow_run_id),
+        },
+    )
+    run_id = parent.info.run_id
+    _log_params(client, run_id, flatten(config))
+    client.log_text(run_id, to_yaml(config), "config.yaml")
+    context = RunContext(
+        tracking_uri=uri,
+        experiment_id=experiment_id,
+        parent_run_id=run_id,
+        seed=config.seed,
+        device=resolve_device(config.device),
+        output_dir=config.output_dir,
+    )
+    with _terminated_on_exit(client, run_id):
+        yield context
+
+
+class PhaseRun:
+    """One phase's child run; every call names its run id."""
+
+    def __init__(self, context: RunContext, run_id: str):
+        self.context = context
+        self.run_id = run_id
+        self.client = _client(context.tracking_uri)
+        self.started = time.perf_counter()
+
+    def log_params(self, params: dict) -> None:
+        _log_params(self.client, self.run_id, {key: str(value) for key, value in params.items()})
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0, on_parent: bool = False) -> None:
+        run_ids = [self.run_id, self.context.parent_run_id] if on_parent else [self.run_id]
+        stamp = int(time.time() * 1000)
+        for run_id in run_ids:
+            self.client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, step) for k, v in metrics.items()])
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), folder)
+
+    def log_figure(self, figure, file_name: str) -> None:
+        self.client.log_figure(self.run_id, figure, file_name)
+
+    def log_dict(self, data: dict, file_name: str) -> None:
+        self.client.log_dict(self.run_id, data, file_name)
+
+    def tag_parent(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.context.parent_run_id, key, value)
+
+    def log_model(self, model, input_example) -> str:
+        """Log the final PyTorch model (signature inferred from the example); returns its model URI."""
+        torch_version = torch.__version__.split("+")[0]  # without the local "+cu130": pip can resolve it
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            input_example=input_example,
+            pip_requirements=[f"torch=={torch_version}"],  # inferring them costs ~10 s in a subprocess
+            run_id=self.run_id,
+        )
+        return info.model_uri
+
+
+@contextmanager
+def phase_run(context: RunContext, phase: str) -> Iterator[PhaseRun]:
+    """A child run of the pipeline's parent run, tagged with the phase; FAILED if the phase raises."""
+    client = _client(context.tracking_uri)
+    run = client.create_run(
+        context.experiment_id,
+        run_name=phase,
+        tags={"mlflow.parentRunId": context.parent_run_id, "twostage.phase": phase},
+    )
+    with _terminated_on_exit(client, run.info.run_id):
+        yield PhaseRun(context, run.info.run_id)
+
+
+@contextmanager
+def _terminated_on_exit(client: MlflowClient, run_id: str) -> Iterator[None]:
+    try:
+        yield
+    except KeyboardInterrupt:
+        client.set_terminated(run_id, "KILLED")
+        raise
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+
+
+def _log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
+    items = [Param(key, value) for key, value in params.items()]
+    for start in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+        client.log_batch(run_id, params=items[start : start + 100])

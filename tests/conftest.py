@@ -1,0 +1,75 @@
+"""Shared fixtures: one Prefect test server per session, a private MLflow store and working directory per test."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry calls
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """Prefect's test harness (a temporary server and database), started once: it costs ~10 s."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """A fresh working directory with its own MLflow sqlite store (artifacts land in ./mlruns there)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path
+
+
+def tiny_config(**sections) -> dict:
+    """A pipeline config on the bundled digits that trains each phase for 2 quick epochs."""
+    config = {
+        "name": "tiny",
+        "seed": 0,
+        "device": "cpu",
+        "data": {"dataset": "digits"},
+        "model": {"encoder_widths": [32, 16], "head_widths": [16]},
+        "pretrain": {"epochs": 2, "batch_size": 128},
+        "head": {"epochs": 2, "batch_size": 128},
+        "finetune": {"epochs": 2, "batch_size": 128},
+    }
+    for name, values in sections.items():
+        config[name] = {**config.get(name, {}), **values} if isinstance(values, dict) else values
+    return config
+
+
+def write_idx(folder: Path, prefix: str, images: np.ndarray, labels: np.ndarray, compress: bool = True) -> None:
+    """Write MNIST-format IDX files (`<prefix>-images-idx3-ubyte[.gz]` and labels) as the originals are laid out."""
+    folder.mkdir(parents=True, exist_ok=True)
+    count, rows, columns = images.shape
+    payloads = {
+        f"{prefix}-images-idx3-ubyte": struct.pack(">IIII", 2051, count, rows, columns) + images.astype(np.uint8).tobytes(),
+        f"{prefix}-labels-idx1-ubyte": struct.pack(">II", 2049, count) + labels.astype(np.uint8).tobytes(),
+    }
+    for name, payload in payloads.items():
+        if compress:
+            (folder / f"{name}.gz").write_bytes(gzip.compress(payload))
+        else:
+            (folder / name).write_bytes(payload)
+
+
+def tiny_mnist(folder: Path, train: int = 200, test: int = 50, compress: bool = True, seed: int = 0) -> None:
+    """A tiny MNIST-shaped data set of 28x28 images in 10 classes, each class a different bright band."""
+    rng = np.random.default_rng(seed)
+    for prefix, count in (("train", train), ("t10k", test)):
+        labels = np.arange(count) % 10
+        images = rng.integers(0, 40, size=(count, 28, 28))
+        for index, label in enumerate(labels):
+            images[index, 2 * label + 4 : 2 * label + 7, :] = 250
+        write_idx(folder, prefix, images, labels, compress)

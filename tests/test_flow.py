@@ -1,0 +1,140 @@
+"""The Prefect flow end to end, against a real Prefect test server and a real MLflow store in a temp dir."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from configs.loader import load_config, validate_config
+from configs.schema import PretrainConfig
+from conftest import REPO, tiny_config
+from flows.two_stage import two_stage, with_retries
+from tasks.data import DataNotFoundError
+from tasks.pretrain import pretrain
+
+PHASES = ["data", "pretrain", "head", "finetune", "evaluate"]
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(prefect_server, tmp_path_factory):
+    """One run of the shipped quickstart config; the tests below read what it left in MLflow."""
+    workdir = tmp_path_factory.mktemp("quickstart")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(workdir)
+        uri = f"sqlite:///{workdir / 'mlflow.db'}"
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        report = two_stage(load_config(REPO / "configs" / "quickstart.yaml"))
+        client = MlflowClient(uri)
+        parent = client.get_run(report.pipeline_run_id)
+        children = client.search_runs(
+            [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+        )
+        yield {"report": report, "client": client, "parent": parent, "uri": uri, "workdir": workdir,
+               "children": {run.data.tags["twostage.phase"]: run for run in children}}
+
+
+def artifact_paths(client: MlflowClient, run_id: str, folder: str | None = None) -> set[str]:
+    paths = set()
+    for item in client.list_artifacts(run_id, folder):
+        paths |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return paths
+
+
+def test_quickstart_reaches_95_percent_test_accuracy(quickstart_run):
+    assert quickstart_run["report"].metrics["test/acc"] >= 0.95
+
+
+def test_parent_run_carries_tags_flattened_params_and_resolved_config(quickstart_run):
+    parent, client = quickstart_run["parent"], quickstart_run["client"]
+    assert parent.info.status == "FINISHED"
+    assert client.get_experiment(parent.info.experiment_id).name == "quickstart"
+    tags = parent.data.tags
+    assert len(tags["twostage.config_hash"]) == 64
+    assert parent.info.run_name == f"quickstart-{tags['twostage.config_hash'][:7]}"
+    assert tags["twostage.git_commit"] and tags["twostage.flow_run_id"] not in ("", "None")
+    assert len(tags["twostage.data_fingerprint"]) == 64
+    params = parent.data.params
+    assert params["finetune.optimizer.lr"] == "0.001" and params["data.dataset"] == "digits"
+    assert params["model.encoder_widths"] == "[128, 32]" and params["seed"] == "0"
+    config_yaml = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(
+        run_id=parent.info.run_id, artifact_path="config.yaml", tracking_uri=quickstart_run["uri"])).read_text())
+    assert validate_config(config_yaml) == load_config(REPO / "configs" / "quickstart.yaml")
+
+
+def test_one_finished_child_run_per_phase(quickstart_run):
+    children = quickstart_run["children"]
+    assert sorted(children) == sorted(PHASES)
+    for phase, run in children.items():
+        assert run.info.status == "FINISHED", phase
+        assert run.info.run_name == phase
+
+
+@pytest.mark.parametrize("phase, epochs, metrics", [
+    ("pretrain", 30, {"train/loss", "val/loss", "lr"}),
+    ("head", 30, {"train/loss", "val/loss", "val/acc", "lr"}),
+    ("finetune", 20, {"train/loss", "val/loss", "val/acc", "lr"}),
+])
+def test_training_phases_log_every_epoch_as_a_step(quickstart_run, phase, epochs, metrics):
+    client, run = quickstart_run["client"], quickstart_run["children"][phase]
+    assert metrics <= set(run.data.metrics)
+    for name in metrics:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, name)]
+        assert steps == list(range(1, epochs + 1)), name
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("phase, expected", [
+    ("pretrain", {"pretrain_loss.png", "reconstructions.png"}),
+    ("head", {"head_loss.png"}),
+    ("finetune", {"finetune_loss.png"}),
+])
+def test_training_phases_log_checkpoint_and_plots(quickstart_run, phase, expected):
+    paths = artifact_paths(quickstart_run["client"], quickstart_run["children"][phase].info.run_id)
+    assert expected <= paths
+    assert any(p.startswith("checkpoint/") and p.endswith(".pt") for p in paths)
+
+
+def test_evaluate_logs_test_metrics_on_child_and_parent_with_plots(quickstart_run):
+    child, parent = quickstart_run["children"]["evaluate"], quickstart_run["parent"]
+    for name in ("test/acc", "test/loss", "test/f1_macro"):
+        assert child.data.metrics[name] == parent.data.metrics[name] == quickstart_run["report"].metrics[name]
+    paths = artifact_paths(quickstart_run["client"], child.info.run_id)
+    assert {"confusion_matrix.png", "per_class_metrics.json"} <= paths
+    assert set(quickstart_run["report"].per_class) == {str(d) for d in range(10)}
+
+
+def test_the_logged_model_predicts_through_pyfunc(quickstart_run):
+    import numpy as np
+    import torch
+
+    from tasks.data import load_splits, prepare
+    from configs.schema import DataConfig
+
+    report = quickstart_run["report"]
+    mlflow.set_tracking_uri(quickstart_run["uri"])
+    model = mlflow.pyfunc.load_model(report.model_uri)
+    splits = load_splits(prepare(DataConfig(dataset="digits", root=quickstart_run["workdir"] / "data"), seed=0), "cpu")
+    logits = model.predict(splits.test_x.numpy())
+    accuracy = (np.asarray(logits).argmax(axis=1) == splits.test_y.numpy()).mean()
+    assert accuracy == pytest.approx(report.metrics["test/acc"], abs=1e-6)
+    assert torch.is_tensor(splits.test_x)
+
+
+def test_task_retries_come_from_the_phase_config():
+    configured = with_retries(pretrain, PretrainConfig(retries=4, retry_delay_s=2.5))
+    assert configured.retries == 4 and configured.retry_delay_seconds == 2.5
+
+
+def test_missing_data_fails_without_retries_and_marks_the_runs_failed(prefect_server, workdir):
+    config = validate_config(tiny_config(data={"dataset": "kmnist", "download": False, "retries": 3}))
+    with pytest.raises(DataNotFoundError, match="kmnist not found"):
+        two_stage(config)
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert {run.info.status for run in runs} == {"FAILED"}
+    assert {run.data.tags.get("twostage.phase") for run in runs} == {None, "data"}
