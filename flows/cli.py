@@ -26,17 +26,22 @@ def main(argv: list[str] | None = None) -> int:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config value before validation, e.g. --set finetune.epochs=3 (repeatable)",
     )
+    run.add_argument(
+        "--rerun", choices=["data", "pretrain", "head", "finetune", "evaluate"], metavar="PHASE",
+        help="run PHASE and every phase after it even if an earlier run completed them "
+        "(data, pretrain, head, finetune, evaluate)",
+    )
     args = parser.parse_args(argv)
     # Offline-friendly Prefect: its server would otherwise log a failed telemetry call on every run.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
-        return run_pipeline(args.config, args.overrides)
+        return run_pipeline(args.config, args.overrides, args.rerun)
     except ConfigError as error:
         print(f"twostage: error: {error}", file=sys.stderr)
         return 2
 
 
-def run_pipeline(config_path: str, overrides: list[str]) -> int:
+def run_pipeline(config_path: str, overrides: list[str], rerun: str | None = None) -> int:
     config = load_config(config_path, overrides)
     from models.device import resolve_device
 
@@ -46,7 +51,7 @@ def run_pipeline(config_path: str, overrides: list[str]) -> int:
     from tasks.tracking import tracking_uri
 
     _hide_tracebacks_of_config_errors()
-    report = two_stage(config)
+    report = two_stage(config, rerun=rerun)
     metrics = "  ".join(f"{name} {value:.4f}" for name, value in report.metrics.items())
     uri = tracking_uri()
     print(f"\n{config.name}: {metrics}")

@@ -1,8 +1,16 @@
-"""The pipeline as a Prefect flow: data, stage-1 pretraining, stage-2 head, finetuning, evaluation."""
+"""The pipeline as a Prefect flow: data, stage-1 pretraining, stage-2 head, finetuning, evaluation.
+
+The three training phases persist their results under a key of their inputs and source, so running the
+same config again (or retrying the flow run from the Prefect UI) reuses the phases that completed and
+runs only the rest. Data preparation and evaluation are cheap and always run: the data phase is what
+notices fresh data.
+"""
 
 from __future__ import annotations
 
-from prefect import flow, runtime
+from typing import Literal
+
+from prefect import flow, get_run_logger, runtime
 
 from configs.loader import ConfigError
 from configs.schema import PipelineConfig
@@ -11,8 +19,12 @@ from tasks.data import prepare_data
 from tasks.evaluate import evaluate
 from tasks.finetune import finetune
 from tasks.head import train_head
+from tasks.phase import checkpoint_problem
 from tasks.pretrain import pretrain
-from tasks.results import EvalReport
+from tasks.results import Checkpoint, EvalReport, RunContext
+
+PHASES = ("data", "pretrain", "head", "finetune", "evaluate")
+Phase = Literal["data", "pretrain", "head", "finetune", "evaluate"]
 
 
 def retry_unless_config_error(task, task_run, state) -> bool:
@@ -28,12 +40,33 @@ def with_retries(task, phase_config):
     )
 
 
+def forced(phase: str, rerun: Phase | None) -> bool:
+    """`--rerun PHASE` forces that phase and every phase after it."""
+    return rerun is not None and PHASES.index(phase) >= PHASES.index(rerun)
+
+
+def reuse_or_train(phase: str, task, phase_config, rerun: Phase | None, *args, run: RunContext) -> Checkpoint:
+    """Run a training phase, or reuse its result from an earlier flow run when it is still intact."""
+    configured = with_retries(task, phase_config).with_options(refresh_cache=forced(phase, rerun) or None)
+    state = configured(*args, run, return_state=True)
+    checkpoint = state.result()
+    if state.name != "Cached":
+        return checkpoint
+    problem = checkpoint_problem(checkpoint)
+    if problem:
+        get_run_logger().warning("%s: the reusable result's checkpoint %s; running the phase again", phase, problem)
+        return configured.with_options(refresh_cache=True)(*args, run)
+    tracking.record_reuse(run, phase, checkpoint)
+    get_run_logger().info("%s: reused the completed phase of MLflow run %s (%s)", phase, checkpoint.run_id, checkpoint.path)
+    return checkpoint
+
+
 @flow(name="two-stage", validate_parameters=True)
-def two_stage(config: PipelineConfig) -> EvalReport:
+def two_stage(config: PipelineConfig, rerun: Phase | None = None) -> EvalReport:
     """Two-stage backpropagation: pretrain an autoencoder, train a head on its frozen encoder, finetune."""
     with tracking.pipeline_run(config, flow_run_id=runtime.flow_run.id) as run:
-        data = with_retries(prepare_data, config.data)(config.data, run)
-        pretrained = with_retries(pretrain, config.pretrain)(config.pretrain, config.model, data, run)
-        head = with_retries(train_head, config.head)(config.head, data, pretrained, run)
-        finetuned = with_retries(finetune, config.finetune)(config.finetune, data, head, run)
+        data = with_retries(prepare_data, config.data)(config.data, run, rebuild=forced("data", rerun))
+        pretrained = reuse_or_train("pretrain", pretrain, config.pretrain, rerun, config.pretrain, config.model, data, run=run)
+        head = reuse_or_train("head", train_head, config.head, rerun, config.head, data, pretrained, run=run)
+        finetuned = reuse_or_train("finetune", finetune, config.finetune, rerun, config.finetune, data, head, run=run)
         return with_retries(evaluate, config.evaluate)(config.evaluate, data, finetuned, run)

@@ -7,6 +7,7 @@ and the loop reports through a callback. It knows nothing of phases, Prefect or 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -112,6 +113,12 @@ class EarlyStopping:
                 self.best_state = copy.deepcopy(model.state_dict())
         return self.config.enabled and epoch - self.best_epoch >= self.config.patience_epochs
 
+    def state_dict(self) -> dict:
+        return {"best_loss": self.best_loss, "best_epoch": self.best_epoch, "best_state": self.best_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_loss, self.best_epoch, self.best_state = state["best_loss"], state["best_epoch"], state["best_state"]
+
 
 def fit(
     model: nn.Module,
@@ -122,6 +129,8 @@ def fit(
     config: TrainConfig,
     on_epoch: Callable[[EpochStats], None],
     generator: torch.Generator,
+    save_state: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
 ) -> FitResult:
     """Train the parameters in `param_groups` of `model` on `data` = (inputs, targets).
 
@@ -129,7 +138,11 @@ def fit(
         param_groups: [{"params": [...], "lr_scale": 1.0}, ...]: only these parameters are optimized.
         loss_fn: the loss of one batch; it decides what a batch means (reconstruction, classes).
         validate: metrics of the model after an epoch; "val/loss" drives schedules and early stopping.
+        on_epoch: called after every epoch (after `save_state`).
         generator: CPU generator for the batch order, so runs with the same seed repeat exactly.
+        save_state: receives everything needed to continue after each epoch (model, optimizer,
+            scheduler, early stopping, RNG states, history); pass it back as `resume`.
+        resume: a state from `save_state`: training continues after its epoch, as if never stopped.
 
     Raises:
         NonFiniteLossError: the epoch's training loss was NaN or infinite.
@@ -140,8 +153,21 @@ def fit(
     stopper = EarlyStopping(config.early_stopping)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     result = FitResult()
+    first_epoch = 1
+    if resume is not None:
+        first_epoch = resume["epoch"] + 1
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(resume["scheduler"])
+        stopper.load_state_dict(resume["early_stopping"])
+        _set_rng_states(resume["rng"], generator, inputs.device)
+        result.history = [EpochStats(**stats) for stats in resume["history"]]
+        result.stopped_early = resume["stopped_early"]
     count = len(inputs)
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(first_epoch, config.epochs + 1):
+        if result.stopped_early:
+            break
         started = time.perf_counter()
         train_mode(model)
         order = torch.randperm(count, generator=generator).to(inputs.device)
@@ -166,17 +192,39 @@ def fit(
             scheduler.step(val["val/loss"])
         elif scheduler is not None:
             scheduler.step()
-        stop = stopper.update(model, epoch, val["val/loss"])
+        result.stopped_early = stopper.update(model, epoch, val["val/loss"])
         stats = EpochStats(epoch, config.epochs, train_loss, val, lr, time.perf_counter() - started)
         result.history.append(stats)
+        if save_state is not None:
+            save_state({
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "early_stopping": stopper.state_dict(),
+                "rng": _rng_states(generator, inputs.device),
+                "history": [dataclasses.asdict(s) for s in result.history],
+                "stopped_early": result.stopped_early,
+            })
         on_epoch(stats)
-        if stop:
-            result.stopped_early = True
-            break
     result.best_epoch = stopper.best_epoch
     if config.early_stopping.enabled and config.early_stopping.restore_best and stopper.best_state is not None:
         model.load_state_dict(stopper.best_state)
     return result
+
+
+def _rng_states(generator: torch.Generator, device: torch.device) -> dict:
+    states = {"torch": torch.get_rng_state(), "batches": generator.get_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _set_rng_states(states: dict, generator: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(states["torch"])
+    generator.set_state(states["batches"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
 
 
 @torch.inference_mode()

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from prefect import get_run_logger, task
 from configs.loader import ConfigError
 from configs.schema import DataConfig, fingerprint
 from tasks import tracking
+from tasks.files import save_atomically
 from tasks.results import DataBundle, RunContext
 
 SYSTEM_MIRRORS = {"fashion_mnist": [Path("/usr/share/datasets/fashion-mnist")]}
@@ -58,10 +57,10 @@ class Splits:
 
 
 @task(name="prepare_data")
-def prepare_data(config: DataConfig, run: RunContext) -> DataBundle:
-    """Data phase: the prepared splits' file and fingerprint."""
+def prepare_data(config: DataConfig, run: RunContext, rebuild: bool = False) -> DataBundle:
+    """Data phase: the prepared splits' file and fingerprint (runs every time: it notices fresh data)."""
     with tracking.phase_run(run, "data") as child:
-        bundle = prepare(config, seed=run.seed)
+        bundle = prepare(config, seed=run.seed, rebuild=rebuild)
         child.log_params({"source": bundle.source, "fingerprint": bundle.fingerprint, **bundle.sizes})
         child.tag_parent({"twostage.data_fingerprint": bundle.fingerprint})
         get_run_logger().info(
@@ -70,16 +69,16 @@ def prepare_data(config: DataConfig, run: RunContext) -> DataBundle:
         return bundle
 
 
-def prepare(config: DataConfig, seed: int) -> DataBundle:
-    """Return the prepared splits for `config`, from the cache when it holds them."""
+def prepare(config: DataConfig, seed: int, rebuild: bool = False) -> DataBundle:
+    """Return the prepared splits for `config`, from the cache when it holds them (unless `rebuild`)."""
     key = fingerprint(_content_settings(config), seed, _folder_listing(config))
     path = Path(config.root) / "prepared" / f"{config.dataset}-{key[:16]}.pt"
-    if path.exists():
+    if path.exists() and not rebuild:
         saved = torch.load(path, weights_only=True)
         return _bundle(path, saved, source=f"cache {path}")
     raw = load_raw(config)
     saved = _split(raw, config, seed)
-    _atomic_save(saved, path)
+    save_atomically(saved, path)
     return _bundle(path, saved, source=raw.source)
 
 
@@ -177,14 +176,6 @@ def _complement(indices: torch.Tensor, size: int) -> torch.Tensor:
     keep = torch.ones(size, dtype=torch.bool)
     keep[indices] = False
     return keep.nonzero().flatten()
-
-
-def _atomic_save(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(handle)
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
 
 
 # ----------------------------------------------------------------------------------- raw sources

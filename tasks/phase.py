@@ -1,61 +1,213 @@
-"""What the three training phases share: seeding, progress and metric logging, checkpoint files."""
+"""What the three training phases share: the cache key, seeding, epoch states, progress, checkpoints.
+
+A training phase writes its whole training state after every epoch (atomically, keeping the previous one).
+Started again with the same inputs (a Prefect retry, or the same command after the process was killed),
+it resumes after the last completed epoch in the same MLflow child run.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from prefect import get_run_logger
+from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
 
 from configs.loader import ConfigError
-from configs.schema import ModelConfig, fingerprint
+from configs.schema import ModelConfig, TrainConfig, fingerprint
 from models.networks import TwoStageModel, build_model, count_parameters
-from models.training import EpochStats, FitResult, NonFiniteLossError, Validate, classification_metrics
-from tasks import plots
-from tasks.results import Checkpoint, RunContext
-from tasks.tracking import PhaseRun
+from models.training import (
+    EpochStats,
+    FitResult,
+    LossFn,
+    NonFiniteLossError,
+    Validate,
+    classification_metrics,
+    fit,
+)
+from tasks import plots, tracking
+from tasks.files import file_sha256, save_atomically, write_temporary
+from tasks.results import Checkpoint, DataBundle, RunContext
 
 PHASE_SEEDS = {"pretrain": 1, "head": 2, "finetune": 3}
 
 
-def seeded_generator(context: RunContext, phase: str) -> torch.Generator:
-    """Seed torch for this phase (weights, noise, augmentation) and return the batch-order generator."""
-    seed = context.seed * 100 + PHASE_SEEDS[phase]
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
+def input_key(parameters: dict[str, Any]) -> str:
+    """What a phase's result depends on: its configs, upstream fingerprints and the seed.
+
+    Not the run ids, paths or the flow run: the same inputs give the same key in any later flow run.
+    """
+
+    def identity(value: Any) -> Any:
+        if isinstance(value, RunContext):
+            return value.seed
+        if isinstance(value, DataBundle):
+            return value.fingerprint
+        if isinstance(value, Checkpoint):
+            return value.sha256
+        return value
+
+    return fingerprint(*(identity(value) for _, value in sorted(parameters.items())))
 
 
-def epoch_reporter(phase: str, child: PhaseRun) -> Callable[[EpochStats], None]:
-    """The loop's callback: one MLflow batch per epoch and one progress line on the console."""
-    logger = get_run_logger()
-
-    def report(stats: EpochStats) -> None:
-        child.log_metrics(stats.metrics(), step=stats.epoch)
-        shown = " ".join(f"{name} {value:.4f}" for name, value in stats.metrics().items() if name != "lr")
-        logger.info(
-            "%s epoch %d/%d %s lr %.2e %.1fs", phase, stats.epoch, stats.epochs, shown, stats.lr, stats.seconds
-        )
-
-    return report
+# Prefect reuses a phase's persisted result when its inputs and its task's source are unchanged.
+PHASE_CACHE = TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=lambda _context, parameters: input_key(parameters))
 
 
 class TrainingDivergedError(ConfigError):
     """The loss became NaN or infinite: the message names the phase, the epoch and what to change."""
 
 
-def run_fit(phase: str, fit_call: Callable[[], FitResult]) -> FitResult:
-    """Call `fit`, turning a non-finite loss into an error that says which settings to change."""
-    try:
-        return fit_call()
-    except NonFiniteLossError as error:
-        raise TrainingDivergedError(
-            f"{phase}: the training loss became non-finite in epoch {error.epoch}; "
-            f"lower {phase}.optimizer.lr or set {phase}.grad_clip_norm (e.g. 1.0)"
-        ) from error
+class TrainingPhase:
+    """One training phase in progress: its MLflow child run, batch-order generator and epoch states."""
+
+    def __init__(
+        self, name: str, context: RunContext, child: tracking.PhaseRun, states: EpochStates, resume: dict | None
+    ):
+        self.name = name
+        self.context = context
+        self.child = child
+        self.states = states
+        self.resume = resume
+        self.logger = get_run_logger()
+        seed = context.seed * 100 + PHASE_SEEDS[name]
+        torch.manual_seed(seed)  # weights, noise, augmentation; a resumed fit restores the saved RNG states
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def log_parameter_counts(self, model: torch.nn.Module) -> None:
+        trainable, frozen = count_parameters(model)
+        self.child.log_params({"params_trainable": trainable, "params_frozen": frozen})
+
+    def fit(
+        self,
+        model: torch.nn.Module,
+        param_groups: list[dict],
+        loss_fn: LossFn,
+        data: tuple[torch.Tensor, torch.Tensor],
+        validate: Validate,
+        config: TrainConfig,
+    ) -> FitResult:
+        """The shared loop, with an epoch state saved before each epoch's metrics are logged."""
+        if self.resume is not None:
+            self._log_epochs_saved_but_not_logged()
+            self.logger.info("%s: resuming after epoch %d/%d", self.name, self.resume["epoch"], config.epochs)
+
+        def save_state(state: dict) -> None:
+            self.states.save({**state, "run_id": self.child.run_id})
+
+        try:
+            return fit(
+                model, param_groups, loss_fn, data, validate, config, self._report, self.generator,
+                save_state=save_state, resume=self.resume,
+            )
+        except NonFiniteLossError as error:
+            raise TrainingDivergedError(
+                f"{self.name}: the training loss became non-finite in epoch {error.epoch}; "
+                f"lower {self.name}.optimizer.lr or set {self.name}.grad_clip_norm (e.g. 1.0)"
+            ) from error
+
+    def _report(self, stats: EpochStats) -> None:
+        self.child.log_metrics(stats.metrics(), step=stats.epoch)
+        shown = " ".join(f"{name} {value:.4f}" for name, value in stats.metrics().items() if name != "lr")
+        self.logger.info(
+            "%s epoch %d/%d %s lr %.2e %.1fs", self.name, stats.epoch, stats.epochs, shown, stats.lr, stats.seconds
+        )
+
+    def _log_epochs_saved_but_not_logged(self) -> None:
+        """A crash between saving an epoch's state and logging its metrics leaves gaps; fill them once."""
+        last_logged = self.child.last_step("train/loss")
+        for saved in self.resume["history"]:
+            if saved["epoch"] > last_logged:
+                self._report(EpochStats(**saved))
+
+    def finish(
+        self, model: TwoStageModel, result: FitResult, model_config: ModelConfig, input_shape: tuple[int, int, int]
+    ) -> Checkpoint:
+        """Save and log the final weights and loss curve; drop the epoch states, which are no longer needed."""
+        path = self.states.stem.with_suffix(".pt")
+        save_atomically(model.state_dict(), path)
+        sha256 = file_sha256(path)
+        self.child.log_artifact(path, "checkpoint")
+        self.child.log_figure(plots.loss_curves(result.history, self.name), f"{self.name}_loss.png")
+        last = result.history[-1]
+        metrics = {f"{self.name}/{name.replace('/', '_')}": value for name, value in last.val.items()}
+        metrics[f"{self.name}/best_epoch"] = float(result.best_epoch)
+        self.child.log_metrics(metrics, on_parent=True)
+        self.states.clear()
+        return Checkpoint(
+            phase=self.name,
+            path=path,
+            sha256=sha256,
+            model=model_config,
+            input_shape=input_shape,
+            num_classes=model.head[-1].out_features,
+            metrics=metrics,
+            run_id=self.child.run_id,
+        )
+
+
+@contextmanager
+def training_phase(name: str, key: str, context: RunContext) -> Iterator[TrainingPhase]:
+    """Open (or, when resuming, reopen) the phase's child run and load its last good epoch state."""
+    states = EpochStates(Path(context.output_dir) / "checkpoints" / f"{name}-{key[:16]}")
+    resume = states.load(get_run_logger())
+    reopen = (resume["run_id"], resume["epoch"]) if resume else None
+    with tracking.phase_run(context, name, reopen=reopen) as child:
+        yield TrainingPhase(name, context, child, states, resume)
+
+
+class EpochStates:
+    """`<stem>.state.pt`, the last epoch's training state, and `<stem>.state.prev.pt`, the one before."""
+
+    def __init__(self, stem: Path):
+        self.stem = stem
+        self.current = stem.with_name(stem.name + ".state.pt")
+        self.previous = stem.with_name(stem.name + ".state.prev.pt")
+
+    def save(self, state: dict) -> None:
+        temporary = write_temporary(state, self.current.parent)
+        if self.current.exists():
+            os.replace(self.current, self.previous)
+        os.replace(temporary, self.current)
+
+    def load(self, logger) -> dict | None:
+        """The newest readable state; an unreadable file is reported by name and skipped."""
+        for path in (self.current, self.previous):
+            if not path.exists():
+                continue
+            try:
+                return torch.load(path, weights_only=True)
+            except Exception as error:  # noqa: BLE001 - truncated or corrupted: any load failure
+                logger.warning("%s: unreadable epoch checkpoint (%s: %s); skipping it", path, type(error).__name__, error)
+        return None
+
+    def clear(self) -> None:
+        for path in (self.current, self.previous):
+            path.unlink(missing_ok=True)
+
+
+def checkpoint_problem(checkpoint: Checkpoint) -> str | None:
+    """Why a recorded checkpoint can't be used (missing, or different bytes), or None when it is intact."""
+    if not Path(checkpoint.path).exists():
+        return f"{checkpoint.path} is missing"
+    actual = file_sha256(checkpoint.path)
+    if actual != checkpoint.sha256:
+        return f"{checkpoint.path} has sha256 {actual[:12]}, not the recorded {checkpoint.sha256[:12]}"
+    return None
+
+
+def load_model(checkpoint: Checkpoint, device: str) -> TwoStageModel:
+    """Rebuild the network and load the checkpoint's weights, after checking the file's sha256."""
+    problem = checkpoint_problem(checkpoint)
+    if problem:
+        raise ValueError(f"{checkpoint.phase} checkpoint unusable: {problem}")
+    model = build_model(checkpoint.model, checkpoint.input_shape, checkpoint.num_classes)
+    model.load_state_dict(torch.load(checkpoint.path, map_location=device, weights_only=True))
+    return model.to(device)
 
 
 def classification_validator(inputs: torch.Tensor, targets: torch.Tensor) -> Validate:
@@ -66,67 +218,3 @@ def classification_validator(inputs: torch.Tensor, targets: torch.Tensor) -> Val
         return {"val/loss": loss, "val/acc": accuracy}
 
     return validate
-
-
-def log_parameter_counts(child: PhaseRun, model: torch.nn.Module) -> None:
-    trainable, frozen = count_parameters(model)
-    child.log_params({"params_trainable": trainable, "params_frozen": frozen})
-
-
-def finish_phase(
-    phase: str,
-    model: TwoStageModel,
-    result: FitResult,
-    child: PhaseRun,
-    context: RunContext,
-    key_parts: tuple,
-    model_config: ModelConfig,
-    input_shape: tuple[int, int, int],
-) -> Checkpoint:
-    """Save the weights, log the checkpoint and the loss curve, and describe them as a `Checkpoint`."""
-    path = Path(context.output_dir) / "checkpoints" / f"{phase}-{fingerprint(*key_parts)[:16]}.pt"
-    sha256 = save_state(model, path)
-    child.log_artifact(path, "checkpoint")
-    child.log_figure(plots.loss_curves(result.history, phase), f"{phase}_loss.png")
-    last = result.history[-1]
-    metrics = {**last.metrics(), "best_epoch": float(result.best_epoch)}
-    return Checkpoint(
-        phase=phase,
-        path=path,
-        sha256=sha256,
-        model=model_config,
-        input_shape=input_shape,
-        num_classes=model.head[-1].out_features,
-        metrics=metrics,
-        run_id=child.run_id,
-    )
-
-
-def save_state(model: torch.nn.Module, path: Path) -> str:
-    """Write the state dict atomically (temp file, fsync, rename); return its sha256."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(handle, "wb") as file:
-        torch.save(model.state_dict(), file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-    return file_sha256(path)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def load_model(checkpoint: Checkpoint, device: str) -> TwoStageModel:
-    """Rebuild the network and load the checkpoint's weights, after checking the file's sha256."""
-    actual = file_sha256(checkpoint.path)
-    if actual != checkpoint.sha256:
-        raise ValueError(f"{checkpoint.path}: sha256 {actual[:12]} differs from the recorded {checkpoint.sha256[:12]}")
-    model = build_model(checkpoint.model, checkpoint.input_shape, checkpoint.num_classes)
-    model.load_state_dict(torch.load(checkpoint.path, map_location=device, weights_only=True))
-    return model.to(device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,12 +18,13 @@ from pathlib import Path
 import mlflow
 import torch
 from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from configs.loader import flatten, to_yaml
 from configs.schema import PipelineConfig, fingerprint
 from models.device import resolve_device
-from tasks.results import RunContext
+from tasks.results import Checkpoint, RunContext
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -53,6 +55,7 @@ def pipeline_run(config: PipelineConfig, flow_run_id: str | None) -> Iterator[Ru
     client = _client(uri)
     experiment = client.get_experiment_by_name(config.name)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.name)
+    _mark_abandoned_runs_killed(client, experiment_id)
     config_hash = fingerprint(config)
     parent = client.create_run(
         experiment_id,
@@ -61,6 +64,7 @@ def pipeline_run(config: PipelineConfig, flow_run_id: str | None) -> Iterator[Ru
             "twostage.config_hash": config_hash,
             "twostage.git_commit": _git_commit(),
             "twostage.flow_run_id": str(flow_run_id),
+            **_process_tags(),
         },
     )
     run_id = parent.info.run_id
@@ -72,7 +76,7 @@ def pipeline_run(config: PipelineConfig, flow_run_id: str | None) -> Iterator[Ru
         parent_run_id=run_id,
         seed=config.seed,
         device=resolve_device(config.device),
-        output_dir=config.output_dir,
+        output_dir=config.output_dir.resolve(),  # absolute: reused results must not depend on the cwd
     )
     with _terminated_on_exit(client, run_id):
         yield context
@@ -105,6 +109,10 @@ class PhaseRun:
     def log_dict(self, data: dict, file_name: str) -> None:
         self.client.log_dict(self.run_id, data, file_name)
 
+    def last_step(self, metric: str) -> int:
+        """The highest step logged for `metric` in this run (0 when none)."""
+        return max((m.step for m in self.client.get_metric_history(self.run_id, metric)), default=0)
+
     def tag_parent(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
             self.client.set_tag(self.context.parent_run_id, key, value)
@@ -123,16 +131,70 @@ class PhaseRun:
 
 
 @contextmanager
-def phase_run(context: RunContext, phase: str) -> Iterator[PhaseRun]:
-    """A child run of the pipeline's parent run, tagged with the phase; FAILED if the phase raises."""
+def phase_run(context: RunContext, phase: str, reopen: tuple[str, int] | None = None) -> Iterator[PhaseRun]:
+    """A child run of the pipeline's parent run, tagged with the phase; FAILED if the phase raises.
+
+    `reopen` = (run id, epoch): continue the child run of an interrupted attempt that saved that epoch,
+    now under this pipeline's parent run.
+    """
     client = _client(context.tracking_uri)
-    run = client.create_run(
-        context.experiment_id,
-        run_name=phase,
-        tags={"mlflow.parentRunId": context.parent_run_id, "twostage.phase": phase},
-    )
-    with _terminated_on_exit(client, run.info.run_id):
-        yield PhaseRun(context, run.info.run_id)
+    tags = {"mlflow.parentRunId": context.parent_run_id, "twostage.phase": phase, **_process_tags()}
+    run_id = _reopen(client, reopen[0], context.experiment_id) if reopen else None
+    if run_id:
+        for key, value in {**tags, "twostage.resumed_from_epoch": str(reopen[1])}.items():
+            client.set_tag(run_id, key, value)
+    else:
+        run_id = client.create_run(context.experiment_id, run_name=phase, tags=tags).info.run_id
+    with _terminated_on_exit(client, run_id):
+        yield PhaseRun(context, run_id)
+
+
+def _reopen(client: MlflowClient, run_id: str, experiment_id: str) -> str | None:
+    """Set the run RUNNING again; None when it is gone or in another experiment (then a new child starts)."""
+    try:
+        if client.get_run(run_id).info.experiment_id != experiment_id:
+            return None
+        client.update_run(run_id, status="RUNNING")
+    except MlflowException:
+        return None
+    return run_id
+
+
+def record_reuse(context: RunContext, phase: str, checkpoint: Checkpoint) -> None:
+    """A phase reused from an earlier flow run gets no child run: tag the parent with the one that made it."""
+    client = _client(context.tracking_uri)
+    client.set_tag(context.parent_run_id, f"twostage.reused.{phase}", checkpoint.run_id)
+    stamp = int(time.time() * 1000)
+    metrics = [Metric(name, value, stamp, 0) for name, value in checkpoint.metrics.items()]
+    client.log_batch(context.parent_run_id, metrics=metrics)
+
+
+def _process_tags() -> dict[str, str]:
+    return {"twostage.host": socket.gethostname(), "twostage.pid": str(os.getpid())}
+
+
+def _mark_abandoned_runs_killed(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Runs still RUNNING whose process on this host is gone (killed, crashed) become KILLED."""
+    host = socket.gethostname()
+    abandoned = []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        if tags.get("twostage.host") == host and not _process_alive(int(tags.get("twostage.pid", "0"))):
+            client.set_terminated(run.info.run_id, "KILLED")
+            abandoned.append(run.info.run_id)
+    return abandoned
+
+
+def _process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 @contextmanager

@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +26,23 @@ def prefect_server():
         yield
 
 
+@contextmanager
+def isolated_workdir(path: Path) -> Iterator[Path]:
+    """Work in `path` with its own MLflow sqlite store (artifacts in ./mlruns) and Prefect result storage,
+    so no test reuses another test's phase results."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    with pytest.MonkeyPatch.context() as patch, temporary_settings({PREFECT_LOCAL_STORAGE_PATH: path / "results"}):
+        path.mkdir(parents=True, exist_ok=True)
+        patch.chdir(path)
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path / 'mlflow.db'}")
+        yield path
+
+
 @pytest.fixture
-def workdir(tmp_path, monkeypatch) -> Path:
-    """A fresh working directory with its own MLflow sqlite store (artifacts land in ./mlruns there)."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    return tmp_path
+def workdir(tmp_path) -> Iterator[Path]:
+    with isolated_workdir(tmp_path):
+        yield tmp_path
 
 
 def tiny_config(**sections) -> dict:

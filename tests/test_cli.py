@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,17 +12,29 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO
+from configs.loader import load_config
+from conftest import REPO, isolated_workdir
+from flows.two_stage import two_stage
 
 TWOSTAGE = Path(sys.executable).parent / "twostage"
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 
 
-def twostage(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def environment(cwd: Path, api_url: str | None = None) -> dict[str, str]:
+    """The CLI's environment: its own Prefect home; Prefect's ephemeral server unless `api_url` is given."""
     env = {**os.environ, "PREFECT_HOME": str(cwd / "prefect-home")}
     env.pop("MLFLOW_TRACKING_URI", None)  # the default store: sqlite:///mlflow.db in the working directory
-    env.pop("PREFECT_API_URL", None)  # Prefect's ephemeral server, as on a fresh machine
-    return subprocess.run([str(TWOSTAGE), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    env.pop("PREFECT_API_URL", None)
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return env
+
+
+def twostage(*args: str, cwd: Path, api_url: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(TWOSTAGE), *args], cwd=cwd, env=environment(cwd, api_url), capture_output=True, text=True,
+        timeout=timeout,
+    )
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -71,3 +85,69 @@ def test_run_prints_progress_then_metrics_run_id_and_the_mlflow_ui_command(tmp_p
     assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in lines[-1]
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id)
     assert run.info.status == "FINISHED" and "test/acc" in run.data.metrics
+
+
+def test_a_run_killed_in_any_phase_resumes_when_the_same_command_runs_again(prefect_server, tmp_path):
+    """Kill in pretrain, re-run; kill that run in head, re-run; kill it in finetune, re-run: it completes,
+    reusing finished phases, resuming the killed ones after their last epoch, with the uninterrupted result."""
+    from prefect.settings import PREFECT_API_URL
+
+    api_url = PREFECT_API_URL.value()  # the session's test server: saves each process starting its own
+    overrides = [f"{phase}.{key}" for phase in ("pretrain", "head", "finetune") for key in ("epochs=20", "batch_size=16")]
+    with isolated_workdir(tmp_path / "reference"):
+        reference = two_stage(load_config(QUICKSTART, overrides))
+    workdir = tmp_path / "killed"
+    workdir.mkdir()
+    args = ["run", "-c", str(QUICKSTART), *(f"--set={override}" for override in overrides)]
+
+    def run_and_kill(phase: str) -> str:
+        process = subprocess.Popen(
+            [str(TWOSTAGE), *args], cwd=workdir, env=environment(workdir, api_url), text=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        )
+        seen = []
+        for line in process.stderr:
+            seen.append(line)
+            if f"{phase} epoch 3/20" in line or f"{phase} epoch 4/20" in line:
+                break
+        os.killpg(process.pid, signal.SIGKILL)  # the whole process group, as a crash would
+        process.wait()
+        return "".join(seen)
+
+    resumed_after = {}
+    previous = None
+    for phase in ("pretrain", "head", "finetune", None):
+        if phase is None:
+            result = twostage(*args, cwd=workdir, api_url=api_url)
+            assert result.returncode == 0, result.stderr[-3000:]
+            output = result.stderr
+        else:
+            output = run_and_kill(phase)
+        if previous:
+            match = re.search(rf"{previous}: resuming after epoch (\d+)/20", output)
+            assert match, output[-3000:]
+            resumed_after[previous] = int(match.group(1))
+            assert resumed_after[previous] >= 3
+            assert f"{previous} epoch 1/20" not in output
+            assert f"{previous} epoch {resumed_after[previous] + 1}/20" in output
+            for earlier in ("pretrain", "head")[: ("pretrain", "head", "finetune").index(previous)]:
+                assert f"{earlier}: reused the completed phase" in output
+        previous = phase or previous
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    assert "RUNNING" not in {run.info.status for run in runs}  # no phantom running runs
+    parents = sorted((r for r in runs if "mlflow.parentRunId" not in r.data.tags), key=lambda r: r.info.start_time)
+    assert [parent.info.status for parent in parents] == ["KILLED", "KILLED", "KILLED", "FINISHED"]
+    final = parents[-1]
+    for phase in ("pretrain", "head", "finetune"):
+        phase_runs = [run for run in runs if run.data.tags.get("twostage.phase") == phase]
+        assert len(phase_runs) == 1, phase  # the killed attempt's child run continued; no second one
+        child = phase_runs[0]
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["twostage.resumed_from_epoch"] == str(resumed_after[phase])
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")] == list(range(1, 21))
+        if phase != "finetune":
+            assert final.data.tags[f"twostage.reused.{phase}"] == child.info.run_id
+    for name, value in reference.metrics.items():
+        assert final.data.metrics[name] == pytest.approx(value, abs=1e-6), name

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from configs.loader import load_config, validate_config
 from configs.schema import PretrainConfig
-from conftest import REPO, tiny_config
+from conftest import REPO, isolated_workdir, tiny_config
 from flows.two_stage import two_stage, with_retries
 from tasks.data import DataNotFoundError
 from tasks.pretrain import pretrain
@@ -22,11 +22,8 @@ PHASES = ["data", "pretrain", "head", "finetune", "evaluate"]
 @pytest.fixture(scope="module")
 def quickstart_run(prefect_server, tmp_path_factory):
     """One run of the shipped quickstart config; the tests below read what it left in MLflow."""
-    workdir = tmp_path_factory.mktemp("quickstart")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(workdir)
+    with isolated_workdir(tmp_path_factory.mktemp("quickstart")) as workdir:
         uri = f"sqlite:///{workdir / 'mlflow.db'}"
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
         report = two_stage(load_config(REPO / "configs" / "quickstart.yaml"))
         client = MlflowClient(uri)
         parent = client.get_run(report.pipeline_run_id)
@@ -112,8 +109,8 @@ def test_the_logged_model_predicts_through_pyfunc(quickstart_run):
     import numpy as np
     import torch
 
-    from tasks.data import load_splits, prepare
     from configs.schema import DataConfig
+    from tasks.data import load_splits, prepare
 
     report = quickstart_run["report"]
     mlflow.set_tracking_uri(quickstart_run["uri"])

@@ -6,12 +6,26 @@ import pytest
 import torch
 from torch import nn
 
-from configs.schema import AugmentConfig, EarlyStoppingConfig, ModelConfig, OptimizerConfig, SchedulerConfig, TrainConfig
+from configs.schema import (
+    AugmentConfig,
+    EarlyStoppingConfig,
+    ModelConfig,
+    OptimizerConfig,
+    SchedulerConfig,
+    TrainConfig,
+)
 from models.networks import build_model
 from models.objectives import augment_batch, classification_loss, inverse_frequency_weights, reconstruction_loss
 from models.training import (
-    NonFiniteLossError, classification_metrics, encode, fit, freeze, make_optimizer, make_scheduler,
-    reconstruction_error, train_mode,
+    NonFiniteLossError,
+    classification_metrics,
+    encode,
+    fit,
+    freeze,
+    make_optimizer,
+    make_scheduler,
+    reconstruction_error,
+    train_mode,
 )
 from tasks.finetune import param_groups
 
@@ -215,3 +229,43 @@ def test_augmentation_keeps_shapes_and_changes_images():
 def test_class_weights_are_inverse_to_frequency():
     weights = inverse_frequency_weights(torch.tensor([0, 0, 0, 1]), 2)
     assert weights[1] == pytest.approx(3 * weights[0])
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resuming_a_saved_state_gives_the_uninterrupted_result(tmp_path):
+    """Kill after epoch 2 of 5, reload the state from disk (weights_only), finish: same weights as never stopping."""
+    images, labels = blobs(128)
+    config = TrainConfig(
+        epochs=5, batch_size=16, optimizer=OptimizerConfig(name="adamw", weight_decay=0.01),
+        scheduler=SchedulerConfig(name="cosine"),
+        early_stopping=EarlyStoppingConfig(enabled=True, patience_epochs=10),
+    )
+
+    def train(resume=None, stop_after=None):
+        torch.manual_seed(5)
+        model = build_model(ModelConfig(encoder_widths=[32, 16], dropout=0.3, batchnorm=True), (1, 8, 8), 4)
+        saved = []
+
+        def on_epoch(stats):
+            if stats.epoch == stop_after:
+                raise Interrupted
+
+        try:
+            fit(model, [{"params": list(model.parameters())}], classification_loss(), (images, labels),
+                lambda m: {"val/loss": classification_metrics(m, images, labels, 64)[0]}, config, on_epoch,
+                torch.Generator().manual_seed(5), save_state=saved.append, resume=resume)
+        except Interrupted:
+            pass
+        return model, saved
+
+    uninterrupted, _ = train()
+    _, saved = train(stop_after=2)
+    torch.save(saved[-1], tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert state["epoch"] == 2
+    resumed, _ = train(resume=state)
+    for key, value in uninterrupted.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-6, atol=1e-7)

@@ -1,0 +1,117 @@
+"""A failed phase is retried alone; completed phases are reused; a crash loses at most the current epoch."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from configs.loader import validate_config
+from conftest import isolated_workdir, tiny_config
+from flows.two_stage import two_stage
+from tasks.phase import TrainingDivergedError, TrainingPhase
+
+
+def children(client: MlflowClient, parent_id: str) -> dict[str, object]:
+    runs = client.search_runs(
+        [client.get_run(parent_id).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"
+    )
+    return {run.data.tags["twostage.phase"]: run for run in runs}
+
+
+def test_running_the_same_config_again_reuses_every_training_phase(prefect_server, workdir, caplog):
+    config = validate_config(tiny_config())
+    first = two_stage(config)
+    with caplog.at_level(logging.INFO):
+        second = two_stage(config)
+    client = MlflowClient()
+    first_children, second_children = children(client, first.pipeline_run_id), children(client, second.pipeline_run_id)
+    assert sorted(second_children) == ["data", "evaluate"]  # reused phases get no new child run
+    parent = client.get_run(second.pipeline_run_id)
+    for phase in ("pretrain", "head", "finetune"):
+        assert parent.data.tags[f"twostage.reused.{phase}"] == first_children[phase].info.run_id
+        assert f"{phase}: reused the completed phase of MLflow run {first_children[phase].info.run_id}" in caplog.text
+    assert second.metrics == first.metrics
+    assert parent.data.metrics["test/acc"] == first.metrics["test/acc"]
+    assert parent.data.metrics["finetune/val_acc"] == client.get_run(first.pipeline_run_id).data.metrics["finetune/val_acc"]
+
+
+def test_changing_a_phase_config_reruns_it_and_what_follows_but_nothing_before(prefect_server, workdir):
+    first = two_stage(validate_config(tiny_config()))
+    changed = two_stage(validate_config(tiny_config(head={"epochs": 3})))
+    client = MlflowClient()
+    parent = client.get_run(changed.pipeline_run_id)
+    assert parent.data.tags["twostage.reused.pretrain"] == children(client, first.pipeline_run_id)["pretrain"].info.run_id
+    assert sorted(children(client, changed.pipeline_run_id)) == ["data", "evaluate", "finetune", "head"]
+
+
+def test_rerun_forces_that_phase_and_those_after_it(prefect_server, workdir):
+    config = validate_config(tiny_config())
+    two_stage(config)
+    forced = two_stage(config, rerun="head")
+    client = MlflowClient()
+    assert sorted(children(client, forced.pipeline_run_id)) == ["data", "evaluate", "finetune", "head"]
+    assert "twostage.reused.pretrain" in client.get_run(forced.pipeline_run_id).data.tags
+
+
+@pytest.mark.parametrize("damage", ["delete", "modify"])
+def test_a_reused_result_whose_checkpoint_is_gone_or_changed_is_recomputed(prefect_server, workdir, caplog, damage):
+    config = validate_config(tiny_config())
+    first = two_stage(config)
+    client = MlflowClient()
+    pretrain_run = children(client, first.pipeline_run_id)["pretrain"]
+    checkpoint = next((workdir / "outputs" / "checkpoints").glob("pretrain-*.pt"))
+    if damage == "delete":
+        checkpoint.unlink()
+    else:
+        checkpoint.write_bytes(checkpoint.read_bytes() + b"tampered")
+    with caplog.at_level(logging.WARNING):
+        second = two_stage(config)
+    assert f"pretrain: the reusable result's checkpoint {checkpoint}" in caplog.text
+    rerun = children(client, second.pipeline_run_id)
+    assert "pretrain" in rerun and rerun["pretrain"].info.run_id != pretrain_run.info.run_id
+    assert second.metrics == pytest.approx(first.metrics)  # the same inputs and seed give the same model
+
+
+def test_an_exception_in_a_phase_is_retried_by_prefect_and_resumes_from_its_epoch_checkpoint(
+    prefect_server, tmp_path, monkeypatch
+):
+    config = validate_config(tiny_config(head={"epochs": 4, "retries": 1}))
+    with isolated_workdir(tmp_path / "reference"):
+        reference = two_stage(config)
+    report = TrainingPhase._report
+    failures = []
+
+    def fail_once_after_epoch_2(self, stats):
+        report(self, stats)
+        if self.name == "head" and stats.epoch == 2 and not failures:
+            failures.append(stats.epoch)
+            raise RuntimeError("injected by the test")
+
+    monkeypatch.setattr(TrainingPhase, "_report", fail_once_after_epoch_2)
+    with isolated_workdir(tmp_path / "faulty"):
+        result = two_stage(config)
+        client = MlflowClient()
+        head = children(client, result.pipeline_run_id)["head"]
+        steps = [m.step for m in client.get_metric_history(head.info.run_id, "train/loss")]
+    assert failures == [2]
+    assert head.info.status == "FINISHED" and head.data.tags["twostage.resumed_from_epoch"] == "2"
+    assert steps == [1, 2, 3, 4]  # one child run, each epoch logged once
+    assert result.metrics == pytest.approx(reference.metrics, abs=1e-6)
+
+
+def test_a_diverging_loss_stops_the_phase_naming_epoch_and_settings_and_keeps_earlier_work(prefect_server, workdir):
+    config = validate_config(tiny_config(finetune={"optimizer": {"lr": 1e12}, "retries": 2}))
+    with pytest.raises(TrainingDivergedError) as caught:
+        two_stage(config)
+    message = str(caught.value)
+    assert message.startswith("finetune: the training loss became non-finite in epoch ")
+    assert "finetune.optimizer.lr" in message and "finetune.grad_clip_norm" in message
+    checkpoints = {path.name.split("-")[0] for path in (workdir / "outputs" / "checkpoints").glob("*.pt")}
+    assert {"pretrain", "head"} <= checkpoints
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    status = {run.data.tags.get("twostage.phase", "parent"): run.info.status for run in runs}
+    assert status == {"parent": "FAILED", "data": "FINISHED", "pretrain": "FINISHED", "head": "FINISHED",
+                      "finetune": "FAILED"}
