@@ -20,6 +20,7 @@ import torch
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from prefect import get_run_logger
 
 from configs.loader import flatten, to_yaml
 from configs.schema import PipelineConfig, fingerprint
@@ -55,7 +56,9 @@ def pipeline_run(config: PipelineConfig, flow_run_id: str | None) -> Iterator[Ru
     client = _client(uri)
     experiment = client.get_experiment_by_name(config.name)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.name)
-    _mark_abandoned_runs_killed(client, experiment_id)
+    abandoned = _mark_abandoned_runs_killed(client, experiment_id)
+    if abandoned:
+        get_run_logger().info("marked %d run(s) of dead processes KILLED: %s", len(abandoned), ", ".join(abandoned))
     config_hash = fingerprint(config)
     parent = client.create_run(
         experiment_id,
