@@ -20,21 +20,27 @@ DEFAULT_CONFIG = "configs/quickstart.yaml"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="twostage", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run the pipeline once (Prefect ephemeral server unless PREFECT_API_URL is set)")
-    run.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})")
-    run.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config value before validation, e.g. --set finetune.epochs=3 (repeatable)",
-    )
+    run = commands.add_parser("run", help="run the pipeline once (Prefect's ephemeral server unless PREFECT_API_URL is set)")
+    serve = commands.add_parser("serve", help="serve the pipeline on a cron schedule from a Prefect server")
+    for command in (run, serve):
+        command.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})")
+        command.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            help="override a config value before validation, e.g. --set finetune.epochs=3 (repeatable)",
+        )
     run.add_argument(
         "--rerun", choices=["data", "pretrain", "head", "finetune", "evaluate"], metavar="PHASE",
         help="run PHASE and every phase after it even if an earlier run completed them "
         "(data, pretrain, head, finetune, evaluate)",
     )
+    serve.add_argument("--cron", required=True, metavar="EXPR", help='cron schedule, e.g. "0 3 * * *" (03:00 daily)')
+    serve.add_argument("--name", help="deployment name (default: the config's name)")
     args = parser.parse_args(argv)
     # Offline-friendly Prefect: its server would otherwise log a failed telemetry call on every run.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
+        if args.command == "serve":
+            return serve_pipeline(args.config, args.overrides, args.cron, args.name)
         return run_pipeline(args.config, args.overrides, args.rerun)
     except ConfigError as error:
         print(f"twostage: error: {error}", file=sys.stderr)
@@ -48,7 +54,7 @@ def run_pipeline(config_path: str, overrides: list[str], rerun: str | None = Non
     resolve_device(config.device)  # fail before any run is opened if the device is missing
 
     from flows.two_stage import two_stage  # imports Prefect, MLflow and torch: only once the config is valid
-    from tasks.tracking import tracking_uri
+    from tasks.tracking import run_url, tracking_uri
 
     _hide_tracebacks_of_config_errors()
     report = two_stage(config, rerun=rerun)
@@ -56,10 +62,43 @@ def run_pipeline(config_path: str, overrides: list[str], rerun: str | None = Non
     uri = tracking_uri()
     print(f"\n{config.name}: {metrics}")
     print(f"MLflow run: {report.pipeline_run_id} (experiment {config.name}, tracking URI {uri})")
+    url = run_url(report.experiment_id, report.pipeline_run_id)
     if uri.startswith("http"):
-        print(f"Open it: {uri.rstrip('/')}/#/experiments/{report.experiment_id}/runs/{report.pipeline_run_id}")
+        print(f"Open it: {url}")
     else:
-        print(f"Open it: {_mlflow_command()} ui --backend-store-uri {uri}   then http://127.0.0.1:5000")
+        print(f"Open it: {_mlflow_command()} ui --backend-store-uri {uri}   then {url}")
+    return 0
+
+
+def serve_pipeline(config_path: str, overrides: list[str], cron: str, name: str | None) -> int:
+    """Serve the flow with this schedule and the validated config as its parameters, until Ctrl-C."""
+    config = load_config(config_path, overrides)
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.settings import get_current_settings
+
+    try:
+        CronSchedule(cron=cron)
+    except ValueError:
+        raise ConfigError(f"--cron {cron!r} is not a cron expression; e.g. \"0 3 * * *\" runs daily at 03:00") from None
+    if not get_current_settings().api.url:
+        raise ConfigError(
+            "twostage serve needs a Prefect server, which the ephemeral one cannot be: start one with "
+            "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    from prefect.deployments.runner import EntrypointType
+
+    from flows.two_stage import two_stage
+
+    try:
+        two_stage.serve(
+            name=name or config.name,
+            cron=cron,
+            parameters={"config": config.model_dump(mode="json")},
+            description=f"{config.name} from {config_path}",
+            entrypoint_type=EntrypointType.MODULE_PATH,  # flows.two_stage:two_stage, wherever it runs from
+        )
+    except KeyboardInterrupt:
+        print("twostage serve: stopped", file=sys.stderr)
     return 0
 
 

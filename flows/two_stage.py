@@ -6,14 +6,13 @@ runs only the rest. Data preparation and evaluation are cheap and always run: th
 notices fresh data.
 """
 
-from __future__ import annotations
-
 from typing import Literal
 
 from prefect import flow, get_run_logger, runtime
 
 from configs.loader import ConfigError
 from configs.schema import PipelineConfig
+from flows.summary import publish_summary
 from tasks import tracking
 from tasks.data import prepare_data
 from tasks.evaluate import evaluate
@@ -58,7 +57,7 @@ def reuse_or_train(phase: str, task, phase_config, rerun: Phase | None, *args, r
         return configured.with_options(refresh_cache=True)(*args, run)
     tracking.record_reuse(run, phase, checkpoint)
     get_run_logger().info("%s: reused the completed phase of MLflow run %s (%s)", phase, checkpoint.run_id, checkpoint.path)
-    return checkpoint
+    return checkpoint.model_copy(update={"reused": True})
 
 
 @flow(name="two-stage", validate_parameters=True)
@@ -69,4 +68,6 @@ def two_stage(config: PipelineConfig, rerun: Phase | None = None) -> EvalReport:
         pretrained = reuse_or_train("pretrain", pretrain, config.pretrain, rerun, config.pretrain, config.model, data, run=run)
         head = reuse_or_train("head", train_head, config.head, rerun, config.head, data, pretrained, run=run)
         finetuned = reuse_or_train("finetune", finetune, config.finetune, rerun, config.finetune, data, head, run=run)
-        return with_retries(evaluate, config.evaluate)(config.evaluate, data, finetuned, run)
+        report = with_retries(evaluate, config.evaluate)(config.evaluate, data, finetuned, run)
+    publish_summary(data, [pretrained, head, finetuned], report)
+    return report

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,7 @@ def prepare_data(config: DataConfig, run: RunContext, rebuild: bool = False) -> 
     """Data phase: the prepared splits' file and fingerprint (runs every time: it notices fresh data)."""
     with tracking.phase_run(run, "data") as child:
         bundle = prepare(config, seed=run.seed, rebuild=rebuild)
+        bundle = bundle.model_copy(update={"seconds": time.perf_counter() - child.started})
         child.log_params({"source": bundle.source, "fingerprint": bundle.fingerprint, **bundle.sizes})
         child.tag_parent({"twostage.data_fingerprint": bundle.fingerprint})
         get_run_logger().info(

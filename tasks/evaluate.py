@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from prefect import get_run_logger, task
 from sklearn import metrics as sk_metrics
 
@@ -46,4 +48,5 @@ def evaluate(config: EvalConfig, data: DataBundle, finetuned: Checkpoint, run: R
         return EvalReport(
             metrics=metrics, per_class=per_class, run_id=child.run_id,
             pipeline_run_id=run.parent_run_id, experiment_id=run.experiment_id, model_uri=model_uri,
+            seconds=time.perf_counter() - child.started,
         )

@@ -8,6 +8,7 @@ it resumes after the last completed epoch in the same MLflow child run.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -147,6 +148,7 @@ class TrainingPhase:
             num_classes=model.head[-1].out_features,
             metrics=metrics,
             run_id=self.child.run_id,
+            seconds=time.perf_counter() - self.child.started,
         )
 
 

@@ -34,6 +34,7 @@ class DataBundle(Value):
     class_names: list[str]
     input_shape: tuple[int, int, int]
     sizes: dict[str, int]
+    seconds: float = 0.0
 
     @property
     def num_classes(self) -> int:
@@ -51,6 +52,8 @@ class Checkpoint(Value):
     num_classes: int
     metrics: dict[str, float]
     run_id: str
+    seconds: float
+    reused: bool = False  # set by the flow when the result came from an earlier flow run
 
 
 class EvalReport(Value):
@@ -62,3 +65,4 @@ class EvalReport(Value):
     pipeline_run_id: str
     experiment_id: str
     model_uri: str
+    seconds: float

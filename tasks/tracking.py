@@ -28,11 +28,19 @@ from models.device import resolve_device
 from tasks.results import Checkpoint, RunContext
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store
 
 
 def tracking_uri() -> str:
     """`MLFLOW_TRACKING_URI` when set, else a sqlite store in the working directory."""
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def run_url(experiment_id: str, run_id: str) -> str:
+    """The run's page: on the tracking server, or on `mlflow ui` for a local store."""
+    uri = tracking_uri()
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else MLFLOW_UI
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 @functools.cache
