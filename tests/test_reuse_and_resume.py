@@ -115,3 +115,20 @@ def test_a_diverging_loss_stops_the_phase_naming_epoch_and_settings_and_keeps_ea
     status = {run.data.tags.get("twostage.phase", "parent"): run.info.status for run in runs}
     assert status == {"parent": "FAILED", "data": "FINISHED", "pretrain": "FINISHED", "head": "FINISHED",
                       "finetune": "FAILED"}
+
+
+def test_fresh_data_reruns_every_phase_after_the_data_phase(prefect_server, workdir):
+    from test_data import write_png_folder
+
+    write_png_folder(workdir / "images", per_class=10)
+    config = validate_config(tiny_config(data={"dataset": "image_folder", "image_folder": str(workdir / "images"),
+                                               "image_size": 8, "channels": 1}))
+    first = two_stage(config)
+    unchanged = two_stage(config)
+    (workdir / "images" / "class_2" / "0.png").write_bytes((workdir / "images" / "class_1" / "0.png").read_bytes())
+    fresh = two_stage(config)
+    client = MlflowClient()
+    assert sorted(children(client, unchanged.pipeline_run_id)) == ["data", "evaluate"]
+    assert sorted(children(client, fresh.pipeline_run_id)) == ["data", "evaluate", "finetune", "head", "pretrain"]
+    tags = [client.get_run(r.pipeline_run_id).data.tags["twostage.data_fingerprint"] for r in (first, unchanged, fresh)]
+    assert tags[0] == tags[1] != tags[2]
