@@ -108,7 +108,16 @@ class FinetuneConfig(SupervisedConfig):
 
 
 class EvalConfig(StrictModel):
+    """Test metrics, and the final model registered in MLflow's model registry."""
+
     batch_size: PositiveInt = 1024
+    registered_model: str | None = Field(None, description="Registered model name; none: the config's name.")
+    promote_metric: Literal["test/acc", "test/f1_macro", "test/loss"] = Field(
+        "test/acc", description="Compared with the champion's; test/loss: lower is better."
+    )
+    min_improvement: NonNegativeFloat = Field(
+        0.0, description="A new version becomes champion when strictly better by at least this much."
+    )
     retries: NonNegativeInt = 1
     retry_delay_s: NonNegativeFloat = 0.0
 

@@ -35,14 +35,32 @@ def main(argv: list[str] | None = None) -> int:
     )
     serve.add_argument("--cron", required=True, metavar="EXPR", help='cron schedule, e.g. "0 3 * * *" (03:00 daily)')
     serve.add_argument("--name", help="deployment name (default: the config's name)")
+    compare = commands.add_parser("compare", help="compare an experiment's pipeline runs; writes compare.png")
+    compare.add_argument("-e", "--experiment", default="quickstart", help="MLflow experiment (default: quickstart)")
+    compare.add_argument("--metric", default="test/acc", help="sort and chart by this metric (default: test/acc)")
+    compare.add_argument("--last", type=int, metavar="N", help="only the N newest runs")
+    compare.add_argument("--out", default="compare", type=Path, metavar="DIR", help="folder for compare.png")
+    predict = commands.add_parser("predict", help="classify image files with a registered model")
+    predict.add_argument("images", nargs="+", metavar="IMAGE")
+    predict.add_argument("--model", metavar="URI", help="any MLflow model URI (default: models:/NAME@champion)")
+    predict.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config whose model NAME is the default")
     args = parser.parse_args(argv)
     # Offline-friendly Prefect: its server would otherwise log a failed telemetry call on every run.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         if args.command == "serve":
             return serve_pipeline(args.config, args.overrides, args.cron, args.name)
+        if args.command == "compare":
+            from flows.compare import compare
+
+            print(compare(args.experiment, args.metric, args.last, args.out))
+            return 0
+        if args.command == "predict":
+            from flows.predict import predict
+
+            return predict(args.model or default_model_uri(args.config), args.images)
         return run_pipeline(args.config, args.overrides, args.rerun)
-    except ConfigError as error:
+    except (ConfigError, LookupError) as error:
         print(f"twostage: error: {error}", file=sys.stderr)
         return 2
 
@@ -60,7 +78,8 @@ def run_pipeline(config_path: str, overrides: list[str], rerun: str | None = Non
     report = two_stage(config, rerun=rerun)
     metrics = "  ".join(f"{name} {value:.4f}" for name, value in report.metrics.items())
     uri = tracking_uri()
-    print(f"\n{config.name}: {metrics}")
+    print(f"\nModel registry: {report.promotion}")
+    print(f"{config.name}: {metrics}")
     print(f"MLflow run: {report.pipeline_run_id} (experiment {config.name}, tracking URI {uri})")
     url = run_url(report.experiment_id, report.pipeline_run_id)
     if uri.startswith("http"):
@@ -68,6 +87,11 @@ def run_pipeline(config_path: str, overrides: list[str], rerun: str | None = Non
     else:
         print(f"Open it: {_mlflow_command()} ui --backend-store-uri {uri}   then {url}")
     return 0
+
+
+def default_model_uri(config_path: str) -> str:
+    config = load_config(config_path)
+    return f"models:/{config.evaluate.registered_model or config.name}@champion"
 
 
 def serve_pipeline(config_path: str, overrides: list[str], cron: str, name: str | None) -> int:

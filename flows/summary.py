@@ -4,24 +4,28 @@ from __future__ import annotations
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
-from tasks.results import Checkpoint, DataBundle, EvalReport
-from tasks.tracking import run_url
+from tasks import tracking
+from tasks.results import Checkpoint, DataBundle, EvalReport, RunContext
 
 
 def summary_markdown(data: DataBundle, checkpoints: list[Checkpoint], report: EvalReport) -> str:
     """A markdown table: phase, reused or run, seconds, key metrics."""
     rows = [("data", "run", data.seconds, ", ".join(f"{k} {v}" for k, v in data.sizes.items()))]
     for checkpoint in checkpoints:
-        metrics = ", ".join(f"{k} {v:.4f}" for k, v in checkpoint.metrics.items() if not k.endswith("best_epoch"))
+        headline = {k: v for k, v in checkpoint.metrics.items() if not k.startswith(("time/", "params/"))}
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in headline.items())
         rows.append((checkpoint.phase, "reused" if checkpoint.reused else "run", checkpoint.seconds, metrics))
-    rows.append(("evaluate", "run", report.seconds, ", ".join(f"{k} {v:.4f}" for k, v in report.metrics.items())))
+    evaluated = ", ".join(f"{k} {v:.4f}" for k, v in report.metrics.items())
+    rows.append(("evaluate", "run", report.seconds, f"{evaluated}; registry: {report.promotion}"))
     lines = ["| phase | reused or run | seconds | key metrics |", "|---|---|---:|---|"]
     lines += [f"| {phase} | {how} | {seconds:.1f} | {metrics} |" for phase, how, seconds, metrics in rows]
     return "\n".join(lines)
 
 
-def publish_summary(data: DataBundle, checkpoints: list[Checkpoint], report: EvalReport) -> None:
-    """Markdown artifact `twostage-summary` and link artifact `twostage-mlflow-run` on this flow run."""
+def publish_summary(run: RunContext, data: DataBundle, checkpoints: list[Checkpoint], report: EvalReport) -> None:
+    """The loss curves of all phases on the MLflow parent run; on this flow run, the markdown artifact
+    `twostage-summary` and the link artifact `twostage-mlflow-run`."""
+    tracking.log_pipeline_curves(run, {checkpoint.phase: checkpoint.run_id for checkpoint in checkpoints})
     create_markdown_artifact(
         "## twostage run\n\n" + summary_markdown(data, checkpoints, report)
         + "\n\nA reused phase's seconds are those of the run that produced it.",
@@ -29,7 +33,7 @@ def publish_summary(data: DataBundle, checkpoints: list[Checkpoint], report: Eva
         description="Phases of this pipeline run",
     )
     create_link_artifact(
-        run_url(report.experiment_id, report.pipeline_run_id),
+        tracking.run_url(report.experiment_id, report.pipeline_run_id),
         link_text=f"MLflow run {report.pipeline_run_id}",
         key="twostage-mlflow-run",
         description="This pipeline run's parent run in MLflow",

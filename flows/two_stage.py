@@ -69,5 +69,5 @@ def two_stage(config: PipelineConfig, rerun: Phase | None = None) -> EvalReport:
         head = reuse_or_train("head", train_head, config.head, rerun, config.head, data, pretrained, run=run)
         finetuned = reuse_or_train("finetune", finetune, config.finetune, rerun, config.finetune, data, head, run=run)
         report = with_retries(evaluate, config.evaluate)(config.evaluate, data, finetuned, run)
-    publish_summary(data, [pretrained, head, finetuned], report)
+        publish_summary(run, data, [pretrained, head, finetuned], report)
     return report

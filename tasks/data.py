@@ -65,6 +65,9 @@ def prepare_data(config: DataConfig, run: RunContext, rebuild: bool = False) -> 
         bundle = bundle.model_copy(update={"seconds": time.perf_counter() - child.started})
         child.log_params({"source": bundle.source, "fingerprint": bundle.fingerprint, **bundle.sizes})
         child.tag_parent({"twostage.data_fingerprint": bundle.fingerprint})
+        shapes = {split: (bundle.sizes[split], *bundle.input_shape) for split in ("train", "val", "test")}
+        child.log_datasets(shapes, name=config.dataset, digest=bundle.fingerprint, source=str(bundle.path))
+        child.log_metrics({"time/data_s": bundle.seconds}, on_parent=True)
         get_run_logger().info(
             "data: %s from %s, %s", config.dataset, bundle.source, ", ".join(f"{k} {v}" for k, v in bundle.sizes.items())
         )
@@ -97,6 +100,8 @@ def _bundle(path: Path, saved: dict, source: str) -> DataBundle:
         source=source,
         class_names=saved["class_names"],
         input_shape=tuple(saved["train_images"].shape[1:]),
+        mean=saved["mean"].tolist(),
+        std=saved["std"].tolist(),
         sizes={
             "train": len(saved["train_images"]),
             "val": len(saved["val_images"]),
@@ -300,8 +305,6 @@ def _folder_listing(config: DataConfig) -> list[str]:
 
 
 def _load_image_folder(config: DataConfig) -> RawData:
-    from PIL import Image, UnidentifiedImageError
-
     folder = Path(config.image_folder)
     if not folder.is_dir():
         raise DataNotFoundError(f"data.image_folder {folder} is not a directory; fix: point it at a folder of class folders")
@@ -312,18 +315,31 @@ def _load_image_folder(config: DataConfig) -> RawData:
             f"data.image_folder {folder} holds images of {len(class_names)} class folder(s); "
             "fix: put each class's images in a subfolder named for the class (at least two)"
         )
-    mode = "L" if config.channels == 1 else "RGB"
-    size = (config.image_size, config.image_size)
     images, labels = [], []
     for path, label in files:
-        try:
-            with Image.open(path) as image:
-                pixels = np.asarray(image.convert(mode).resize(size, Image.BILINEAR), dtype=np.uint8)
-        except (OSError, UnidentifiedImageError) as error:
-            raise DataNotFoundError(f"{path}: not a readable image ({error}); fix: remove or replace it") from None
-        images.append(pixels.reshape(*size, config.channels).transpose(2, 0, 1))
+        images.append(read_image(path, config.channels, config.image_size, config.image_size))
         labels.append(class_names.index(label))
     return RawData(
         torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64), None, None, class_names,
         f"image folder {folder}",
     )
+
+
+def read_image(path: Path, channels: int, height: int, width: int) -> np.ndarray:
+    """An image file as uint8 pixels (C, H, W): converted to grayscale or RGB, resized bilinearly.
+
+    Raises:
+        DataNotFoundError: the file is missing or not an image; the message names it.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("L" if channels == 1 else "RGB")
+            if image.size != (width, height):
+                image = image.resize((width, height), Image.BILINEAR)
+            pixels = np.asarray(image, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise DataNotFoundError(f"{path}: not a readable image ({reason}); fix: remove or replace it") from None
+    return pixels.reshape(height, width, channels).transpose(2, 0, 1)

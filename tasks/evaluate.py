@@ -1,4 +1,4 @@
-"""Evaluation: test metrics, confusion matrix, per-class scores, and the final model logged to MLflow."""
+"""Evaluation: test metrics and plots, and the final model registered in MLflow (champion or challenger)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from prefect import get_run_logger, task
 from sklearn import metrics as sk_metrics
 
 from configs.schema import EvalConfig
-from models.training import classification_metrics
+from models.training import classification_metrics, encode
 from tasks import plots, tracking
 from tasks.data import load_splits
 from tasks.phase import load_model
@@ -17,7 +17,8 @@ from tasks.results import Checkpoint, DataBundle, EvalReport, RunContext
 
 @task(name="evaluate")
 def evaluate(config: EvalConfig, data: DataBundle, finetuned: Checkpoint, run: RunContext) -> EvalReport:
-    """Evaluate the finetuned model on the test split; returns its test metrics and model URI."""
+    """Evaluate the finetuned model on the test split and register it; returns metrics, model URI, decision."""
+    logger = get_run_logger()
     with tracking.phase_run(run, "evaluate") as child:
         splits = load_splits(data, run.device)
         model = load_model(finetuned, run.device)
@@ -30,6 +31,7 @@ def evaluate(config: EvalConfig, data: DataBundle, finetuned: Checkpoint, run: R
             "test/f1_macro": float(sk_metrics.f1_score(truth, predicted, labels=classes, average="macro", zero_division=0)),
         }
         child.log_metrics(metrics, on_parent=True)
+        logger.info("evaluate: %s", " ".join(f"{name} {value:.4f}" for name, value in metrics.items()))
         precision, recall, f1, support = sk_metrics.precision_recall_fscore_support(
             truth, predicted, labels=classes, zero_division=0
         )
@@ -38,15 +40,33 @@ def evaluate(config: EvalConfig, data: DataBundle, finetuned: Checkpoint, run: R
             for name, p, r, f, s in zip(data.class_names, precision, recall, f1, support)
         }
         child.log_dict(per_class, "per_class_metrics.json")
+        child.log_figure(plots.f1_bars(per_class), "per_class_f1.png")
         matrix = sk_metrics.confusion_matrix(truth, predicted, labels=classes)
         child.log_figure(plots.confusion_matrix(matrix, data.class_names), "confusion_matrix.png")
-        classifier = model.classifier().eval().cpu()
-        model_uri = child.log_model(classifier, input_example=splits.test_x[:4].cpu().numpy())
-        get_run_logger().info(
-            "evaluate: %s", " ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+        features = encode(model.encoder, splits.test_x, config.batch_size)
+        title = "test features after finetuning (PCA)"
+        child.log_figure(plots.feature_projection(features, splits.test_y, data.class_names, title), "features_pca.png")
+
+        registered_name = config.registered_model or run.name
+        model_uri, version = child.log_model(
+            model.classifier().eval().cpu(),
+            input_example=splits.test_x[:4].cpu().numpy(),
+            registered_name=registered_name,
+            metadata={"twostage": {
+                "class_names": data.class_names, "input_shape": list(data.input_shape),
+                "mean": data.mean, "std": data.std, "dataset": data.dataset,
+            }},
+            tags={**{name: str(value) for name, value in metrics.items()},
+                  "twostage.pipeline_run_id": run.parent_run_id, "twostage.run_id": child.run_id},
         )
+        promotion = child.promote(
+            registered_name, version, config.promote_metric, metrics[config.promote_metric], config.min_improvement
+        )
+        logger.info("registry: %s", promotion)
+        seconds = time.perf_counter() - child.started
+        child.log_metrics({"time/evaluate_s": seconds}, on_parent=True)
         return EvalReport(
             metrics=metrics, per_class=per_class, run_id=child.run_id,
             pipeline_run_id=run.parent_run_id, experiment_id=run.experiment_id, model_uri=model_uri,
-            seconds=time.perf_counter() - child.started,
+            model_version=version, promotion=promotion, seconds=seconds,
         )

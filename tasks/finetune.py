@@ -7,7 +7,7 @@ from prefect import task
 from configs.schema import FinetuneConfig
 from models.objectives import classification_loss, inverse_frequency_weights
 from tasks.data import load_splits
-from tasks.phase import PHASE_CACHE, classification_validator, input_key, load_model, training_phase
+from tasks.phase import PHASE_CACHE, best_val_acc, classification_validator, input_key, load_model, training_phase
 from tasks.results import Checkpoint, DataBundle, RunContext
 
 
@@ -30,7 +30,7 @@ def finetune(config: FinetuneConfig, data: DataBundle, head: Checkpoint, run: Ru
             classification_validator(splits.val_x, splits.val_y),
             config,
         )
-        return phase.finish(model, result, head.model, data.input_shape)
+        return phase.finish(model, result, head.model, data.input_shape, {"finetune/best_val_acc": best_val_acc(result)})
 
 
 def param_groups(model, encoder_lr_ratio: float) -> list[dict]:

@@ -8,7 +8,7 @@ from configs.schema import HeadConfig
 from models.objectives import classification_loss, inverse_frequency_weights
 from models.training import encode, freeze
 from tasks.data import load_splits
-from tasks.phase import PHASE_CACHE, classification_validator, input_key, load_model, training_phase
+from tasks.phase import PHASE_CACHE, best_val_acc, classification_validator, input_key, load_model, training_phase
 from tasks.results import Checkpoint, DataBundle, RunContext
 
 
@@ -36,4 +36,4 @@ def train_head(config: HeadConfig, data: DataBundle, pretrained: Checkpoint, run
             classification_validator(val_inputs, splits.val_y),
             config,
         )
-        return phase.finish(model, result, pretrained.model, data.input_shape)
+        return phase.finish(model, result, pretrained.model, data.input_shape, {"head/best_val_acc": best_val_acc(result)})

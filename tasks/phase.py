@@ -74,6 +74,7 @@ class TrainingPhase:
         self.child = child
         self.states = states
         self.resume = resume
+        self.parameter_counts: dict[str, float] = {}
         self.logger = get_run_logger()
         seed = context.seed * 100 + PHASE_SEEDS[name]
         torch.manual_seed(seed)  # weights, noise, augmentation; a resumed fit restores the saved RNG states
@@ -82,6 +83,7 @@ class TrainingPhase:
     def log_parameter_counts(self, model: torch.nn.Module) -> None:
         trainable, frozen = count_parameters(model)
         self.child.log_params({"params_trainable": trainable, "params_frozen": frozen})
+        self.parameter_counts = {f"params/{self.name}_trainable": trainable, f"params/{self.name}_frozen": frozen}
 
     def fit(
         self,
@@ -126,17 +128,25 @@ class TrainingPhase:
                 self._report(EpochStats(**saved))
 
     def finish(
-        self, model: TwoStageModel, result: FitResult, model_config: ModelConfig, input_shape: tuple[int, int, int]
+        self,
+        model: TwoStageModel,
+        result: FitResult,
+        model_config: ModelConfig,
+        input_shape: tuple[int, int, int],
+        headline: dict[str, float],
     ) -> Checkpoint:
-        """Save and log the final weights and loss curve; drop the epoch states, which are no longer needed."""
+        """Save and log the final weights and loss curve; drop the epoch states, which are no longer needed.
+
+        headline: the phase's key result for the parent run, e.g. {"head/best_val_acc": 0.97}; the parent
+        also gets the phase's seconds and parameter counts.
+        """
         path = self.states.stem.with_suffix(".pt")
         save_atomically(model.state_dict(), path)
         sha256 = file_sha256(path)
         self.child.log_artifact(path, "checkpoint")
         self.child.log_figure(plots.loss_curves(result.history, self.name), f"{self.name}_loss.png")
-        last = result.history[-1]
-        metrics = {f"{self.name}/{name.replace('/', '_')}": value for name, value in last.val.items()}
-        metrics[f"{self.name}/best_epoch"] = float(result.best_epoch)
+        seconds = time.perf_counter() - self.child.started
+        metrics = {**headline, **self.parameter_counts, f"time/{self.name}_s": seconds}
         self.child.log_metrics(metrics, on_parent=True)
         self.states.clear()
         return Checkpoint(
@@ -148,7 +158,7 @@ class TrainingPhase:
             num_classes=model.head[-1].out_features,
             metrics=metrics,
             run_id=self.child.run_id,
-            seconds=time.perf_counter() - self.child.started,
+            seconds=seconds,
         )
 
 
@@ -220,3 +230,7 @@ def classification_validator(inputs: torch.Tensor, targets: torch.Tensor) -> Val
         return {"val/loss": loss, "val/acc": accuracy}
 
     return validate
+
+
+def best_val_acc(result: FitResult) -> float:
+    return max(stats.val["val/acc"] for stats in result.history)

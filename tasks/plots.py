@@ -60,3 +60,71 @@ def confusion_matrix(matrix: np.ndarray, class_names: list[str]) -> Figure:
             color = "white" if value > threshold else "black"
             axes.text(predicted, true, str(value), ha="center", va="center", fontsize=7, color=color)
     return figure
+
+
+def f1_bars(per_class: dict[str, dict[str, float]]) -> Figure:
+    names = list(per_class)
+    figure = Figure(figsize=(max(5.0, 0.5 * len(names) + 2), 3.5), layout="constrained")
+    axes = figure.subplots()
+    axes.bar(range(len(names)), [per_class[name]["f1"] for name in names], color="tab:blue")
+    axes.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    axes.set(ylim=(0, 1), ylabel="F1", title="test F1 per class")
+    return figure
+
+
+def feature_projection(features: torch.Tensor, labels: torch.Tensor, class_names: list[str], title: str) -> Figure:
+    """The features' first two principal components, coloured by class."""
+    from sklearn.decomposition import PCA
+
+    points = PCA(n_components=2, svd_solver="full").fit_transform(features.float().cpu().numpy())
+    labels = labels.cpu().numpy()
+    figure = Figure(figsize=(6, 5), layout="constrained")
+    axes = figure.subplots()
+    for index, name in enumerate(class_names):
+        chosen = labels == index
+        axes.scatter(points[chosen, 0], points[chosen, 1], s=6, alpha=0.7, label=name, color=_colour(index))
+    axes.set(xlabel="PC 1", ylabel="PC 2", title=title)
+    axes.legend(markerscale=3, fontsize=7, loc="best")
+    return figure
+
+
+def pipeline_curves(histories: dict[str, dict[str, list[tuple[int, float]]]]) -> Figure:
+    """train/loss and val/loss of every training phase, one after another on one epoch axis.
+
+    histories: {phase: {"train/loss": [(epoch, value), ...], "val/loss": [...]}} in phase order.
+    """
+    figure = Figure(figsize=(8, 4), layout="constrained")
+    axes = figure.subplots()
+    offset = 0
+    for index, (phase, metrics) in enumerate(histories.items()):
+        for name, style in (("train/loss", "-"), ("val/loss", "--")):
+            points = metrics.get(name, [])
+            axes.plot([offset + step for step, _ in points], [value for _, value in points], style,
+                      color=_colour(index), label=f"{phase} {name}")
+        last = max((step for points in metrics.values() for step, _ in points), default=0)
+        offset += last
+        axes.axvline(offset + 0.5, color="grey", linewidth=0.5)
+    axes.set(xlabel="epoch (phases one after another)", ylabel="loss", title="training phases", yscale="log")
+    axes.legend(fontsize=7, ncol=3)
+    return figure
+
+
+def comparison(curves: dict[str, list[tuple[int, float]]], values: dict[str, float], metric: str) -> Figure:
+    """Left: validation accuracy per epoch of each run, overlaid; right: `metric` per run."""
+    figure = Figure(figsize=(11, 4.5), layout="constrained")
+    left, right = figure.subplots(1, 2)
+    for index, (run, points) in enumerate(curves.items()):
+        left.plot([step for step, _ in points], [value for _, value in points], color=_colour(index), label=run)
+    left.set(xlabel="epoch (head, then finetune)", ylabel="val/acc", title="validation accuracy")
+    left.legend(fontsize=7)
+    names = list(values)
+    right.bar(range(len(names)), [values[name] for name in names], color=[_colour(i) for i in range(len(names))])
+    right.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
+    right.set(ylabel=metric, title=metric)
+    return figure
+
+
+def _colour(index: int):
+    from matplotlib import colormaps
+
+    return colormaps["tab10"](index % 10)

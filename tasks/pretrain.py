@@ -8,7 +8,7 @@ from prefect import task
 from configs.schema import ModelConfig, PretrainConfig
 from models.networks import build_model
 from models.objectives import reconstruction_loss
-from models.training import reconstruction_error
+from models.training import encode, reconstruction_error
 from tasks import plots
 from tasks.data import load_splits
 from tasks.phase import PHASE_CACHE, input_key, training_phase
@@ -35,4 +35,8 @@ def pretrain(config: PretrainConfig, model_config: ModelConfig, data: DataBundle
         with torch.inference_mode():
             sample = splits.val_x[:8]
             phase.child.log_figure(plots.reconstructions(sample, model.reconstruct(sample)), "reconstructions.png")
-        return phase.finish(model, result, model_config, data.input_shape)
+        features = encode(model.encoder, splits.val_x, 1024)
+        title = "validation features after pretraining (PCA)"
+        phase.child.log_figure(plots.feature_projection(features, splits.val_y, data.class_names, title), "features_pca.png")
+        headline = {"pretrain/recon_loss": result.history[-1].val["val/loss"]}
+        return phase.finish(model, result, model_config, data.input_shape, headline)

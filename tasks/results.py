@@ -16,6 +16,7 @@ class Value(BaseModel):
 class RunContext(Value):
     """Where a pipeline run writes and logs; created once per flow run by `tracking.pipeline_run`."""
 
+    name: str
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
@@ -34,6 +35,8 @@ class DataBundle(Value):
     class_names: list[str]
     input_shape: tuple[int, int, int]
     sizes: dict[str, int]
+    mean: list[float]  # per channel, of pixel values scaled to [0, 1]: what predict must apply too
+    std: list[float]
     seconds: float = 0.0
 
     @property
@@ -65,4 +68,6 @@ class EvalReport(Value):
     pipeline_run_id: str
     experiment_id: str
     model_uri: str
+    model_version: str
+    promotion: str  # "champion", "challenger": what the registry decided, with both numbers
     seconds: float

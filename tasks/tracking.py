@@ -7,17 +7,19 @@ Prefect may run tasks on other threads). Metrics go in one batch call per epoch.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import torch
-from mlflow.entities import Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from prefect import get_run_logger
@@ -25,6 +27,7 @@ from prefect import get_run_logger
 from configs.loader import flatten, to_yaml
 from configs.schema import PipelineConfig, fingerprint
 from models.device import resolve_device
+from tasks import plots
 from tasks.results import Checkpoint, RunContext
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -82,6 +85,7 @@ def pipeline_run(config: PipelineConfig, flow_run_id: str | None) -> Iterator[Ru
     _log_params(client, run_id, flatten(config))
     client.log_text(run_id, to_yaml(config), "config.yaml")
     context = RunContext(
+        name=config.name,
         tracking_uri=uri,
         experiment_id=experiment_id,
         parent_run_id=run_id,
@@ -89,8 +93,10 @@ def pipeline_run(config: PipelineConfig, flow_run_id: str | None) -> Iterator[Ru
         device=resolve_device(config.device),
         output_dir=config.output_dir.resolve(),  # absolute: reused results must not depend on the cwd
     )
+    started = time.perf_counter()
     with _terminated_on_exit(client, run_id):
         yield context
+        client.log_metric(run_id, "time/total_s", time.perf_counter() - started)
 
 
 class PhaseRun:
@@ -128,17 +134,74 @@ class PhaseRun:
         for key, value in tags.items():
             self.client.set_tag(self.context.parent_run_id, key, value)
 
-    def log_model(self, model, input_example) -> str:
-        """Log the final PyTorch model (signature inferred from the example); returns its model URI."""
+    def log_datasets(self, splits: dict[str, tuple[int, ...]], name: str, digest: str, source: str) -> None:
+        """The splits as MLflow dataset inputs (context = split) of this run and of the parent run.
+
+        splits: {"train": (N, C, H, W), ...}; digest: the data fingerprint (MLflow keeps 36 characters).
+        """
+        inputs = [
+            DatasetInput(
+                Dataset(
+                    name=f"{name}-{split}", digest=digest[:36], source_type="local",
+                    source=json.dumps({"uri": source}), profile=json.dumps({"num_rows": shape[0], "shape": shape}),
+                ),
+                tags=[InputTag("mlflow.data.context", split)],
+            )
+            for split, shape in splits.items()
+        ]
+        for run_id in (self.run_id, self.context.parent_run_id):
+            self.client.log_inputs(run_id, datasets=inputs)
+
+    def log_model(self, model, input_example, registered_name: str, metadata: dict, tags: dict[str, str]):
+        """Log the final PyTorch model (signature inferred from the example) as a new registered version.
+
+        Returns the logged model's URI and the new version number.
+        """
         torch_version = torch.__version__.split("+")[0]  # without the local "+cu130": pip can resolve it
         info = mlflow.pytorch.log_model(
             model,
             name="model",
             input_example=input_example,
             pip_requirements=[f"torch=={torch_version}"],  # inferring them costs ~10 s in a subprocess
+            metadata=metadata,
+            registered_model_name=registered_name,
             run_id=self.run_id,
         )
-        return info.model_uri
+        version = str(info.registered_model_version)
+        for key, value in tags.items():
+            self.client.set_model_version_tag(registered_name, version, key, value)
+        return info.model_uri, version
+
+    def promote(self, name: str, version: str, metric: str, value: float, min_improvement: float) -> str:
+        """Move alias `champion` to this version if it beats the champion's `metric` by at least
+        `min_improvement` (lower is better for losses); else give it alias `challenger`.
+
+        Returns the decision in words, with both numbers; it is also logged on this run.
+        """
+        try:
+            champion = self.client.get_model_version_by_alias(name, "champion")
+        except MlflowException:
+            champion = None
+        if champion is None:
+            self.client.set_registered_model_alias(name, "champion", version)
+            decision = f"version {version} is the first champion of {name} ({metric} {value:.4f})"
+        else:
+            best = float(champion.tags[metric])
+            gain = best - value if "loss" in metric else value - best
+            if gain > 0 and gain >= min_improvement:
+                self.client.set_registered_model_alias(name, "previous-champion", champion.version)
+                self.client.set_registered_model_alias(name, "champion", version)
+                verdict = "is the new champion"
+            else:
+                self.client.set_registered_model_alias(name, "challenger", version)
+                verdict = "stays challenger"
+            decision = (
+                f"version {version} {verdict} of {name}: {metric} {value:.4f} against champion version "
+                f"{champion.version}'s {best:.4f} (min_improvement {min_improvement})"
+            )
+        self.client.set_tag(self.run_id, "twostage.registry_decision", decision)
+        self.client.set_tag(self.context.parent_run_id, "twostage.registry_decision", decision)
+        return decision
 
 
 @contextmanager
@@ -169,6 +232,19 @@ def _reopen(client: MlflowClient, run_id: str, experiment_id: str) -> str | None
     except MlflowException:
         return None
     return run_id
+
+
+def log_pipeline_curves(context: RunContext, phase_run_ids: dict[str, str]) -> None:
+    """One figure on the parent run with the loss curves of every training phase (reused ones too)."""
+    client = _client(context.tracking_uri)
+    histories = {
+        phase: {
+            name: sorted((m.step, m.value) for m in client.get_metric_history(run_id, name))
+            for name in ("train/loss", "val/loss")
+        }
+        for phase, run_id in phase_run_ids.items()
+    }
+    client.log_figure(context.parent_run_id, plots.pipeline_curves(histories), "loss_curves.png")
 
 
 def record_reuse(context: RunContext, phase: str, checkpoint: Checkpoint) -> None:
@@ -225,3 +301,72 @@ def _log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> No
     items = [Param(key, value) for key, value in params.items()]
     for start in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
         client.log_batch(run_id, params=items[start : start + 100])
+
+
+# ------------------------------------------------------------- reading runs back (compare, predict)
+
+
+@dataclass
+class PipelineRunRecord:
+    run_id: str
+    name: str
+    start_time_ms: int
+    params: dict[str, str]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+
+
+def pipeline_runs(experiment_name: str, last: int | None = None) -> list[PipelineRunRecord]:
+    """The experiment's finished pipeline (parent) runs, newest first; [] when there is no such experiment."""
+    client = _client(tracking_uri())
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return []
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string="attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=5000,
+    )
+    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags][:last]
+    return [
+        PipelineRunRecord(run.info.run_id, run.info.run_name, run.info.start_time, run.data.params,
+                          run.data.metrics, run.data.tags)
+        for run in parents
+    ]
+
+
+def phase_run_id(pipeline: PipelineRunRecord, phase: str) -> str | None:
+    """The child run that produced `phase` for this pipeline run: its own, or the reused one."""
+    client = _client(tracking_uri())
+    experiment_id = client.get_run(pipeline.run_id).info.experiment_id
+    children = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{pipeline.run_id}' and tags.`twostage.phase` = '{phase}'",
+    )
+    return children[0].info.run_id if children else pipeline.tags.get(f"twostage.reused.{phase}")
+
+
+def metric_history(run_id: str, name: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in _client(tracking_uri()).get_metric_history(run_id, name))
+
+
+def champion_pipeline_run(model_name: str) -> str | None:
+    """The pipeline run whose model holds alias `champion` of `model_name`, if any."""
+    try:
+        version = _client(tracking_uri()).get_model_version_by_alias(model_name, "champion")
+    except MlflowException:
+        return None
+    return version.tags.get("twostage.pipeline_run_id")
+
+
+def load_classifier(model_uri: str):
+    """A logged classifier by any MLflow model URI: (pyfunc model, the twostage metadata logged with it).
+
+    Raises:
+        LookupError: nothing at that URI (one line, naming it).
+    """
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except (MlflowException, OSError) as error:
+        raise LookupError(f"no model at {model_uri} in {tracking_uri()} ({str(error).splitlines()[0]})") from None
+    return model, (model.metadata.metadata or {}).get("twostage", {})

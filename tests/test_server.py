@@ -73,15 +73,14 @@ def prefect_api(tmp_path_factory) -> str:
         log.close()
 
 
-def flow_run_artifacts(api_url: str, flow_run_id) -> dict[str, dict]:
-    """The flow run's artifacts by key, read over the REST API: Prefect 3.8.8's own client sends nulls
-    for unused filters, which its server (with fastapi < 0.155) answers with 422."""
-    import httpx
+def flow_run_artifacts(flow_run_id) -> dict[str, object]:
+    """The flow run's artifacts by key, read with Prefect's client from the current API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    body = {"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}}, "limit": 50, "offset": 0, "sort": "KEY_ASC"}
-    response = httpx.post(f"{api_url}/artifacts/filter", json=body, timeout=30)
-    response.raise_for_status()
-    return {artifact["key"]: artifact for artifact in response.json()}
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {artifact.key: artifact for artifact in found}
 
 
 def client_env(tmp_path: Path, api_url: str | None) -> dict[str, str]:
@@ -139,7 +138,7 @@ def test_a_served_deployment_runs_on_the_server_tracked_in_mlflow_with_summary_a
 
             flow_run = run_deployment("two-stage/nightly", timeout=300)
             assert flow_run.state.is_completed(), flow_run.state
-            artifacts = flow_run_artifacts(prefect_api, flow_run.id)
+            artifacts = flow_run_artifacts(flow_run.id)
     finally:
         os.killpg(serve.pid, signal.SIGINT)  # Ctrl-C
         output, _ = serve.communicate(timeout=60)
@@ -151,11 +150,11 @@ def test_a_served_deployment_runs_on_the_server_tracked_in_mlflow_with_summary_a
         filter_string=f"tags.`twostage.flow_run_id` = '{flow_run.id}'",
     )
     assert len(runs) == 1 and runs[0].info.status == "FINISHED" and "test/acc" in runs[0].data.metrics
-    summary = artifacts["twostage-summary"]["data"]
+    summary = artifacts["twostage-summary"].data
     for phase in ("data", "pretrain", "head", "finetune", "evaluate"):
         assert f"| {phase} | run |" in summary
     assert "test/acc" in summary
-    assert runs[0].info.run_id in artifacts["twostage-mlflow-run"]["data"]
+    assert runs[0].info.run_id in artifacts["twostage-mlflow-run"].data
 
 
 def test_prefect_yaml_deploys_the_shipped_configs_with_their_validated_parameters():
@@ -167,3 +166,34 @@ def test_prefect_yaml_deploys_the_shipped_configs_with_their_validated_parameter
         assert deployment["work_pool"]["name"] == "twostage"
         assert validate_config(deployment["parameters"]["config"]) == load_config(REPO / "configs" / f"{name}.yaml")
         assert deployment["schedules"][0]["cron"]
+
+
+def test_prefect_deploy_and_a_process_worker_run_a_deployment_from_prefect_yaml(tmp_path, prefect_api):
+    """`prefect deploy --all`, then `prefect worker start --pool twostage` runs the quickstart deployment."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    (tmp_path / "prefect.yaml").write_text((REPO / "prefect.yaml").read_text())
+    (tmp_path / "flows").symlink_to(REPO / "flows")  # the entrypoint's path, without running in the checkout
+    env = client_env(tmp_path, prefect_api)
+
+    def prefect(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "prefect"), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    assert prefect("work-pool", "create", "twostage", "--type", "process").returncode == 0
+    deployed = prefect("--no-prompt", "deploy", "--all")
+    assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
+    with temporary_settings({PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as client:
+        names = {d.name for d in client.read_deployments()}
+        assert {"quickstart", "mnist", "fashion_mnist"} <= names
+        deployment = client.read_deployment_by_name("two-stage/quickstart")
+        assert validate_config(deployment.parameters["config"]) == load_config(QUICKSTART)
+        flow_run = client.create_flow_run_from_deployment(deployment.id)
+        worker = prefect("worker", "start", "--pool", "twostage", "--run-once")
+        assert worker.returncode == 0, worker.stderr[-3000:]
+        assert client.read_flow_run(flow_run.id).state.is_completed()
+    tracking = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = tracking.search_runs([tracking.get_experiment_by_name("quickstart").experiment_id],
+                                filter_string=f"tags.`twostage.flow_run_id` = '{flow_run.id}'")
+    assert len(runs) == 1 and runs[0].data.metrics["test/acc"] >= 0.95
