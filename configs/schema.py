@@ -135,6 +135,9 @@ class DataConfig(StrictModel):
     channels: Literal[1, 3] = Field(3, description="image_folder: 1 = grayscale, 3 = RGB.")
     mean: list[float] | None = Field(None, description="Per-channel mean; none: measured on the training split.")
     std: list[PositiveFloat] | None = Field(None, description="Per-channel std; none: measured on the training split.")
+    split_seed: int = Field(
+        0, description="Seeds the splits and the labeled subset, so runs of any `seed` share a test set."
+    )
     val_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1, description="Only for data sets without an official test split.")
     label_fraction: float = Field(

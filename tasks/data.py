@@ -61,7 +61,7 @@ class Splits:
 def prepare_data(config: DataConfig, run: RunContext, rebuild: bool = False) -> DataBundle:
     """Data phase: the prepared splits' file and fingerprint (runs every time: it notices fresh data)."""
     with tracking.phase_run(run, "data") as child:
-        bundle = prepare(config, seed=run.seed, rebuild=rebuild)
+        bundle = prepare(config, rebuild=rebuild)
         bundle = bundle.model_copy(update={"seconds": time.perf_counter() - child.started})
         child.log_params({"source": bundle.source, "fingerprint": bundle.fingerprint, **bundle.sizes})
         child.tag_parent({"twostage.data_fingerprint": bundle.fingerprint})
@@ -74,15 +74,15 @@ def prepare_data(config: DataConfig, run: RunContext, rebuild: bool = False) -> 
         return bundle
 
 
-def prepare(config: DataConfig, seed: int, rebuild: bool = False) -> DataBundle:
+def prepare(config: DataConfig, rebuild: bool = False) -> DataBundle:
     """Return the prepared splits for `config`, from the cache when it holds them (unless `rebuild`)."""
-    key = fingerprint(_content_settings(config), seed, _folder_listing(config))
+    key = fingerprint(_content_settings(config), _folder_listing(config))
     path = Path(config.root) / "prepared" / f"{config.dataset}-{key[:16]}.pt"
     if path.exists() and not rebuild:
         saved = torch.load(path, weights_only=True)
         return _bundle(path, saved, source=f"cache {path}")
     raw = load_raw(config)
-    saved = _split(raw, config, seed)
+    saved = _split(raw, config)
     save_atomically(saved, path)
     return _bundle(path, saved, source=raw.source)
 
@@ -139,8 +139,8 @@ def stratified_subset(labels: torch.Tensor, fraction: float, generator: torch.Ge
     return torch.cat(chosen).sort().values
 
 
-def _split(raw: RawData, config: DataConfig, seed: int) -> dict:
-    generator = torch.Generator().manual_seed(seed)
+def _split(raw: RawData, config: DataConfig) -> dict:
+    generator = torch.Generator().manual_seed(config.split_seed)
     images, labels = raw.train_images, raw.train_labels
     if raw.test_images is None:
         test = stratified_subset(labels, config.test_fraction, generator)
@@ -166,7 +166,7 @@ def _split(raw: RawData, config: DataConfig, seed: int) -> dict:
     for tensor in (raw.train_images, raw.train_labels, raw.test_images, raw.test_labels):
         if tensor is not None:
             digest.update(tensor.contiguous().numpy().tobytes())
-    digest.update(fingerprint(_content_settings(config), seed).encode())
+    digest.update(fingerprint(_content_settings(config)).encode())
     return {
         "dataset": config.dataset,
         "fingerprint": digest.hexdigest(),

@@ -118,7 +118,11 @@ def comparison(curves: dict[str, list[tuple[int, float]]], values: dict[str, flo
     left.set(xlabel="epoch (head, then finetune)", ylabel="val/acc", title="validation accuracy")
     left.legend(fontsize=7)
     names = list(values)
-    right.bar(range(len(names)), [values[name] for name in names], color=[_colour(i) for i in range(len(names))])
+    heights = [values[name] for name in names]
+    bars = right.bar(range(len(names)), heights, color=[_colour(i) for i in range(len(names))])
+    right.bar_label(bars, fmt="%.4f", fontsize=7)
+    pad = max(0.01, (max(heights) - min(heights)) * 0.5)  # zoomed in: runs often differ in the third digit
+    right.set_ylim(min(heights) - pad, max(heights) + pad)
     right.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
     right.set(ylabel=metric, title=metric)
     return figure

@@ -14,7 +14,7 @@ from tasks.data import DataNotFoundError, load_splits, prepare, stratified_subse
 
 def test_digits_splits_are_deterministic_stratified_and_disjoint(tmp_path):
     config = DataConfig(dataset="digits", root=tmp_path, val_fraction=0.1, test_fraction=0.2)
-    bundle = prepare(config, seed=0)
+    bundle = prepare(config)
     assert bundle.source == "scikit-learn (bundled)"
     assert bundle.input_shape == (1, 8, 8) and bundle.num_classes == 10
     assert sum(bundle.sizes[k] for k in ("train", "val", "test")) == 1797
@@ -22,20 +22,20 @@ def test_digits_splits_are_deterministic_stratified_and_disjoint(tmp_path):
     splits = load_splits(bundle, "cpu")
     for labels in (splits.train_y, splits.val_y, splits.test_y):
         assert set(labels.tolist()) == set(range(10))  # every class in every split
-    again = prepare(DataConfig(dataset="digits", root=tmp_path / "other"), seed=0)
+    again = prepare(DataConfig(dataset="digits", root=tmp_path / "other"))
     assert again.fingerprint == bundle.fingerprint
     assert torch.equal(load_splits(again, "cpu").val_x, splits.val_x)
-    assert prepare(DataConfig(dataset="digits", root=tmp_path), seed=1).fingerprint != bundle.fingerprint
+    assert prepare(DataConfig(dataset="digits", root=tmp_path, split_seed=1)).fingerprint != bundle.fingerprint
 
 
 def test_training_split_is_normalised_to_zero_mean_unit_std(tmp_path):
-    splits = load_splits(prepare(DataConfig(dataset="digits", root=tmp_path), seed=0), "cpu")
+    splits = load_splits(prepare(DataConfig(dataset="digits", root=tmp_path)), "cpu")
     assert splits.train_x.mean().item() == pytest.approx(0.0, abs=1e-4)
     assert splits.train_x.std().item() == pytest.approx(1.0, abs=1e-2)
 
 
 def test_label_fraction_keeps_a_stratified_subset_and_pretraining_keeps_every_image(tmp_path):
-    bundle = prepare(DataConfig(dataset="digits", root=tmp_path, label_fraction=0.1), seed=0)
+    bundle = prepare(DataConfig(dataset="digits", root=tmp_path, label_fraction=0.1))
     splits = load_splits(bundle, "cpu")
     assert bundle.sizes["labeled"] == pytest.approx(0.1 * bundle.sizes["train"], abs=10)
     assert len(splits.train_x) == bundle.sizes["train"]
@@ -51,8 +51,8 @@ def test_stratified_subset_takes_at_least_one_of_each_class():
 
 def test_second_prepare_comes_from_the_cache(tmp_path):
     config = DataConfig(dataset="digits", root=tmp_path)
-    first = prepare(config, seed=0)
-    second = prepare(config, seed=0)
+    first = prepare(config)
+    second = prepare(config)
     assert second.source.startswith("cache ") and second.path == first.path
     assert second.fingerprint == first.fingerprint
 
@@ -61,7 +61,7 @@ def test_second_prepare_comes_from_the_cache(tmp_path):
 def test_mnist_loads_offline_from_a_mirror_of_idx_archives(tmp_path, compress):
     tiny_mnist(tmp_path / "mirror", train=200, test=50, compress=compress)
     config = DataConfig(dataset="mnist", root=tmp_path / "data", mirror=tmp_path / "mirror", download=False)
-    bundle = prepare(config, seed=0)
+    bundle = prepare(config)
     assert bundle.source == f"mirror {tmp_path / 'mirror'}"
     assert bundle.input_shape == (1, 28, 28) and bundle.num_classes == 10
     assert bundle.sizes["test"] == 50 and bundle.sizes["train"] + bundle.sizes["val"] == 200
@@ -73,9 +73,9 @@ def test_mnist_loads_offline_from_a_mirror_of_idx_archives(tmp_path, compress):
 def test_fashion_mnist_uses_the_torchvision_folder_once_it_is_filled(tmp_path):
     tiny_mnist(tmp_path / "mirror")
     root = tmp_path / "data"
-    prepare(DataConfig(dataset="fashion_mnist", root=root, mirror=tmp_path / "mirror", download=False), seed=0)
+    prepare(DataConfig(dataset="fashion_mnist", root=root, mirror=tmp_path / "mirror", download=False))
     # Another split of the same raw files needs no mirror: torchvision's folder under data.root has them.
-    bundle = prepare(DataConfig(dataset="fashion_mnist", root=root, val_fraction=0.2, download=False), seed=0)
+    bundle = prepare(DataConfig(dataset="fashion_mnist", root=root, val_fraction=0.2, download=False))
     assert bundle.source == f"local copy {root / 'torchvision'}"
     assert bundle.class_names[0] == "T-shirt/top"
 
@@ -83,7 +83,7 @@ def test_fashion_mnist_uses_the_torchvision_folder_once_it_is_filled(tmp_path):
 def test_missing_data_offline_names_the_data_set_the_places_and_the_fix(tmp_path):
     config = DataConfig(dataset="kmnist", root=tmp_path / "data", mirror=tmp_path / "empty", download=False)
     with pytest.raises(DataNotFoundError) as caught:
-        prepare(config, seed=0)
+        prepare(config)
     message = str(caught.value)
     assert "kmnist not found" in message
     assert str(tmp_path / "data" / "torchvision") in message and str(tmp_path / "empty") in message
@@ -103,7 +103,7 @@ def write_png_folder(folder, per_class: int = 12, size: int = 10):
 def test_image_folder_loads_class_per_folder_pngs_resized(tmp_path):
     write_png_folder(tmp_path / "images")
     config = DataConfig(dataset="image_folder", image_folder=tmp_path / "images", image_size=16, channels=3, root=tmp_path)
-    bundle = prepare(config, seed=0)
+    bundle = prepare(config)
     assert bundle.class_names == ["class_0", "class_1", "class_2"]
     assert bundle.input_shape == (3, 16, 16)
     assert sum(bundle.sizes[k] for k in ("train", "val", "test")) == 36
@@ -115,9 +115,9 @@ def test_image_folder_loads_class_per_folder_pngs_resized(tmp_path):
 def test_new_images_in_the_folder_invalidate_the_cache(tmp_path):
     write_png_folder(tmp_path / "images", per_class=6)
     config = DataConfig(dataset="image_folder", image_folder=tmp_path / "images", root=tmp_path)
-    first = prepare(config, seed=0)
+    first = prepare(config)
     Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(tmp_path / "images" / "class_0" / "new.png")
-    second = prepare(config, seed=0)
+    second = prepare(config)
     assert not second.source.startswith("cache") and second.fingerprint != first.fingerprint
 
 
@@ -126,4 +126,4 @@ def test_an_unreadable_image_is_named(tmp_path):
     (tmp_path / "images" / "class_1" / "broken.png").write_bytes(b"not a png")
     config = DataConfig(dataset="image_folder", image_folder=tmp_path / "images", root=tmp_path)
     with pytest.raises(DataNotFoundError, match="broken.png: not a readable image"):
-        prepare(config, seed=0)
+        prepare(config)

@@ -115,7 +115,7 @@ def test_the_logged_model_predicts_through_pyfunc(quickstart_run):
     report = quickstart_run["report"]
     mlflow.set_tracking_uri(quickstart_run["uri"])
     model = mlflow.pyfunc.load_model(report.model_uri)
-    splits = load_splits(prepare(DataConfig(dataset="digits", root=quickstart_run["workdir"] / "data"), seed=0), "cpu")
+    splits = load_splits(prepare(DataConfig(dataset="digits", root=quickstart_run["workdir"] / "data")), "cpu")
     logits = model.predict(splits.test_x.numpy())
     accuracy = (np.asarray(logits).argmax(axis=1) == splits.test_y.numpy()).mean()
     assert accuracy == pytest.approx(report.metrics["test/acc"], abs=1e-6)
