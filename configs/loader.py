@@ -8,11 +8,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from configs.errors import ConfigError
 from configs.schema import PipelineConfig
-
-
-class ConfigError(ValueError):
-    """A config the user can fix: the message is one line naming the file or key and the fix."""
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -21,6 +21,9 @@ from pydantic import (
     PositiveInt,
     model_validator,
 )
+
+Phase = Literal["data", "pretrain", "head", "finetune", "evaluate"]
+PHASES: tuple[str, ...] = get_args(Phase)  # in the order they run
 
 
 class StrictModel(BaseModel):

@@ -12,7 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-from configs.loader import ConfigError, load_config
+from configs.errors import ConfigError
+from configs.loader import load_config
+from configs.schema import PHASES
 
 DEFAULT_CONFIG = "configs/quickstart.yaml"
 
@@ -29,9 +31,8 @@ def main(argv: list[str] | None = None) -> int:
             help="override a config value before validation, e.g. --set finetune.epochs=3 (repeatable)",
         )
     run.add_argument(
-        "--rerun", choices=["data", "pretrain", "head", "finetune", "evaluate"], metavar="PHASE",
-        help="run PHASE and every phase after it even if an earlier run completed them "
-        "(data, pretrain, head, finetune, evaluate)",
+        "--rerun", choices=PHASES, metavar="PHASE",
+        help=f"run PHASE and every phase after it even if an earlier run completed them ({', '.join(PHASES)})",
     )
     serve.add_argument("--cron", required=True, metavar="EXPR", help='cron schedule, e.g. "0 3 * * *" (03:00 daily)')
     serve.add_argument("--name", help="deployment name (default: the config's name)")
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return predict(args.model or default_model_uri(args.config), args.images)
         return run_pipeline(args.config, args.overrides, args.rerun)
-    except (ConfigError, LookupError) as error:
+    except ConfigError as error:
         print(f"twostage: error: {error}", file=sys.stderr)
         return 2
 

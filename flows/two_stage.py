@@ -6,15 +6,14 @@ runs only the rest. Data preparation and evaluation are cheap and always run: th
 notices fresh data.
 """
 
-from typing import Literal
-
 from prefect import flow, get_run_logger, runtime
 
-from configs.loader import ConfigError
-from configs.schema import PipelineConfig
+from configs.errors import ConfigError
+from configs.schema import PHASES, Phase, PipelineConfig
 from flows.summary import publish_summary
+from models.device import resolve_device
 from tasks import tracking
-from tasks.data import prepare_data
+from tasks.data import DownloadFailedError, prepare_data
 from tasks.evaluate import evaluate
 from tasks.finetune import finetune
 from tasks.head import train_head
@@ -22,13 +21,12 @@ from tasks.phase import checkpoint_problem
 from tasks.pretrain import pretrain
 from tasks.results import Checkpoint, EvalReport, RunContext
 
-PHASES = ("data", "pretrain", "head", "finetune", "evaluate")
-Phase = Literal["data", "pretrain", "head", "finetune", "evaluate"]
-
 
 def retry_unless_config_error(task, task_run, state) -> bool:
-    """Prefect's retry condition: retrying cannot fix a bad config or missing data, so don't."""
-    return not isinstance(state.result(raise_on_failure=False), ConfigError)
+    """Prefect's retry condition: retrying cannot fix a bad config or missing data, so don't;
+    a failed download may work the next time."""
+    error = state.result(raise_on_failure=False)
+    return not isinstance(error, ConfigError) or isinstance(error, DownloadFailedError)
 
 
 def with_retries(task, phase_config):
@@ -63,7 +61,8 @@ def reuse_or_train(phase: str, task, phase_config, rerun: Phase | None, *args, r
 @flow(name="two-stage", validate_parameters=True)
 def two_stage(config: PipelineConfig, rerun: Phase | None = None) -> EvalReport:
     """Two-stage backpropagation: pretrain an autoencoder, train a head on its frozen encoder, finetune."""
-    with tracking.pipeline_run(config, flow_run_id=runtime.flow_run.id) as run:
+    device = resolve_device(config.device)
+    with tracking.pipeline_run(config, flow_run_id=runtime.flow_run.id, device=device) as run:
         data = with_retries(prepare_data, config.data)(config.data, run, rebuild=forced("data", rerun))
         pretrained = reuse_or_train("pretrain", pretrain, config.pretrain, rerun, config.pretrain, config.model, data, run=run)
         head = reuse_or_train("head", train_head, config.head, rerun, config.head, data, pretrained, run=run)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from configs.loader import ConfigError
+from configs.errors import ConfigError
 
 
 def resolve_device(name: str) -> str:

@@ -94,10 +94,3 @@ def _cnn_autoencoder(config: ModelConfig, input_shape: tuple[int, int, int]) -> 
         if index < len(pairs) - 1:
             deconv_layers.append(ACTIVATIONS[config.activation]())
     return encoder, nn.Sequential(*deconv_layers)
-
-
-def count_parameters(module: nn.Module) -> tuple[int, int]:
-    """(trainable, frozen) parameter counts."""
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
-    return trainable, frozen

@@ -109,7 +109,7 @@ class EarlyStopping:
         """Record this epoch; True when training should stop."""
         if val_loss < self.best_loss - self.config.min_delta:
             self.best_loss, self.best_epoch = val_loss, epoch
-            if self.config.restore_best:
+            if self.config.enabled and self.config.restore_best:
                 self.best_state = copy.deepcopy(model.state_dict())
         return self.config.enabled and epoch - self.best_epoch >= self.config.patience_epochs
 
@@ -171,10 +171,10 @@ def fit(
         started = time.perf_counter()
         train_mode(model)
         order = torch.randperm(count, generator=generator).to(inputs.device)
-        total = torch.zeros((), device=inputs.device)
+        total, seen = torch.zeros((), device=inputs.device), 0
         for start in range(0, count, config.batch_size):
             index = order[start : start + config.batch_size]
-            if len(index) == 1 and count > 1:
+            if len(index) == 1 and start > 0:
                 continue  # a lone trailing sample would break BatchNorm and adds nothing
             loss = loss_fn(model, inputs[index], targets[index])
             optimizer.zero_grad(set_to_none=True)
@@ -183,7 +183,8 @@ def fit(
                 nn.utils.clip_grad_norm_(trainable, config.grad_clip_norm)
             optimizer.step()
             total += loss.detach() * len(index)
-        train_loss = (total / count).item()  # the epoch's one host sync
+            seen += len(index)
+        train_loss = (total / seen).item()  # the epoch's one host sync
         if not math.isfinite(train_loss):
             raise NonFiniteLossError(epoch, train_loss)
         val = validate(model)
@@ -208,7 +209,7 @@ def fit(
             })
         on_epoch(stats)
     result.best_epoch = stopper.best_epoch
-    if config.early_stopping.enabled and config.early_stopping.restore_best and stopper.best_state is not None:
+    if stopper.best_state is not None:
         model.load_state_dict(stopper.best_state)
     return result
 

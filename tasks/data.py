@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from prefect import get_run_logger, task
 
-from configs.loader import ConfigError
+from configs.errors import ConfigError
 from configs.schema import DataConfig, fingerprint
 from tasks import tracking
 from tasks.files import save_atomically
@@ -32,6 +32,10 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 class DataNotFoundError(ConfigError):
     """The data set is nowhere to be found: the message names the places looked and the fix."""
+
+
+class DownloadFailedError(DataNotFoundError):
+    """The download was tried and failed: worth the data task's retries, unlike the other input errors."""
 
 
 @dataclass
@@ -96,6 +100,7 @@ def _bundle(path: Path, saved: dict, source: str) -> DataBundle:
     return DataBundle(
         path=path,
         fingerprint=saved["fingerprint"],
+        images_fingerprint=saved["images_fingerprint"],
         dataset=saved["dataset"],
         source=source,
         class_names=saved["class_names"],
@@ -166,10 +171,12 @@ def _split(raw: RawData, config: DataConfig) -> dict:
     for tensor in (raw.train_images, raw.train_labels, raw.test_images, raw.test_labels):
         if tensor is not None:
             digest.update(tensor.contiguous().numpy().tobytes())
-    digest.update(fingerprint(_content_settings(config)).encode())
+    digest.update(fingerprint(_content_settings(config.model_copy(update={"label_fraction": 1.0}))).encode())
+    images_fingerprint = digest.hexdigest()  # what pretraining sees: every training image, no labels
     return {
         "dataset": config.dataset,
-        "fingerprint": digest.hexdigest(),
+        "images_fingerprint": images_fingerprint,
+        "fingerprint": fingerprint(images_fingerprint, config.label_fraction),
         "class_names": raw.class_names,
         "train_images": train_images, "train_labels": train_labels,
         "val_images": images[val], "val_labels": labels[val],
@@ -229,16 +236,16 @@ def _load_torchvision(config: DataConfig) -> RawData:
             loaded = _open_torchvision(dataset_class, root, download=False)
             source = f"mirror {mirror}"
             break
-    failure = "download disabled (data.download: false)"
+    error_type, failure = DataNotFoundError, "download disabled (data.download: false)"
     if loaded is None and config.download:
         try:
             loaded = _open_torchvision(dataset_class, root, download=True, raise_errors=True)
             source = "download (checksums verified)"
         except Exception as error:  # noqa: BLE001 - any network or checksum failure ends in the message below
-            failure = f"download failed: {str(error).splitlines()[0]}"
+            error_type, failure = DownloadFailedError, f"download failed: {str(error).splitlines()[0]}"
     if loaded is None:
         hint = INSTALL_HINTS.get(config.dataset, "")
-        raise DataNotFoundError(
+        raise error_type(
             f"data set {config.dataset} not found in {', '.join(looked)}; {failure}. "
             f"Fix: {hint}set data.mirror to a directory with its original archives, or go online with data.download: true"
         )
@@ -258,12 +265,12 @@ def _open_torchvision(dataset_class, root: Path, download: bool, raise_errors: b
 def _copy_from_mirror(dataset_class, mirror: Path, root: Path) -> bool:
     """Put the mirror's archives where torchvision looks; True when every file was there."""
     if dataset_class.__name__ == "CIFAR10":
+        from torchvision.datasets.utils import check_integrity, extract_archive
+
         archive = mirror / dataset_class.filename
-        if not archive.exists():
+        if not check_integrity(str(archive), dataset_class.tgz_md5):  # missing, or not the original archive
             return False
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(archive, root / dataset_class.filename)
-        dataset_class(root, train=True, download=True)  # verifies the archive's md5 and extracts it offline
+        extract_archive(str(archive), str(root))
         return True
     # MNIST-style sets: torchvision's existence check looks for the decompressed IDX files. Debian's
     # package re-compressed the archives (their md5s differ), but the decompressed bytes are the originals.

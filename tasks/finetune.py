@@ -7,24 +7,24 @@ from prefect import task
 from configs.schema import FinetuneConfig
 from models.objectives import classification_loss, inverse_frequency_weights
 from tasks.data import load_splits
-from tasks.phase import PHASE_CACHE, best_val_acc, classification_validator, input_key, load_model, training_phase
+from tasks.phase import PHASE_CACHE, best_val_acc, classification_validator, load_model, training_phase
 from tasks.results import Checkpoint, DataBundle, RunContext
 
 
 @task(name="finetune", cache_policy=PHASE_CACHE, persist_result=True)
 def finetune(config: FinetuneConfig, data: DataBundle, head: Checkpoint, run: RunContext) -> Checkpoint:
     """Stage 3: train encoder and head together on labeled images; returns the finetuned checkpoint."""
-    key = input_key({"config": config, "data": data, "head": head, "run": run})
-    with training_phase("finetune", key, run) as phase:
+    with training_phase("finetune", run) as phase:
         splits = load_splits(data, run.device)
         model = load_model(head, run.device)
         model.decoder.requires_grad_(False)  # not part of the classifier; kept only so checkpoints match
-        phase.log_parameter_counts(model)
+        groups = param_groups(model, config.encoder_lr_ratio)
+        phase.log_parameter_counts(model, groups)
         images, labels = splits.train_x[splits.labeled], splits.train_y[splits.labeled]
         weights = inverse_frequency_weights(labels, data.num_classes) if config.class_weighted else None
         result = phase.fit(
             model,
-            param_groups(model, config.encoder_lr_ratio),
+            groups,
             classification_loss(weights),
             (images, labels),
             classification_validator(splits.val_x, splits.val_y),

@@ -8,19 +8,19 @@ from configs.schema import HeadConfig
 from models.objectives import classification_loss, inverse_frequency_weights
 from models.training import encode, freeze
 from tasks.data import load_splits
-from tasks.phase import PHASE_CACHE, best_val_acc, classification_validator, input_key, load_model, training_phase
+from tasks.phase import PHASE_CACHE, best_val_acc, classification_validator, load_model, training_phase
 from tasks.results import Checkpoint, DataBundle, RunContext
 
 
 @task(name="train_head", cache_policy=PHASE_CACHE, persist_result=True)
 def train_head(config: HeadConfig, data: DataBundle, pretrained: Checkpoint, run: RunContext) -> Checkpoint:
     """Stage 2: train the head on labeled images with the encoder frozen; returns the whole model's checkpoint."""
-    key = input_key({"config": config, "data": data, "pretrained": pretrained, "run": run})
-    with training_phase("head", key, run) as phase:
+    with training_phase("head", run) as phase:
         splits = load_splits(data, run.device)
         model = load_model(pretrained, run.device)
         freeze(model.encoder)  # no gradients; train_mode keeps it in eval(), so BatchNorm stats stay too
-        phase.log_parameter_counts(model)
+        head_only = [{"params": list(model.head.parameters())}]
+        phase.log_parameter_counts(model, head_only)
         images, labels = splits.train_x[splits.labeled], splits.train_y[splits.labeled]
         weights = inverse_frequency_weights(labels, data.num_classes) if config.class_weighted else None
         if config.cache_features:  # the encoder never changes in this phase: run it once, not every epoch
@@ -30,7 +30,7 @@ def train_head(config: HeadConfig, data: DataBundle, pretrained: Checkpoint, run
             trained, inputs, val_inputs = model, images, splits.val_x
         result = phase.fit(
             trained,
-            [{"params": list(model.head.parameters())}],
+            head_only,
             classification_loss(weights),
             (inputs, labels),
             classification_validator(val_inputs, splits.val_y),

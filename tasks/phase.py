@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from prefect import get_run_logger
 from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
+from prefect.context import TaskRunContext
 
-from configs.loader import ConfigError
+from configs.errors import ConfigError
 from configs.schema import ModelConfig, TrainConfig, fingerprint
-from models.networks import TwoStageModel, build_model, count_parameters
+from models.networks import TwoStageModel, build_model
 from models.training import (
     EpochStats,
     FitResult,
@@ -37,17 +38,19 @@ from tasks.results import Checkpoint, DataBundle, RunContext
 PHASE_SEEDS = {"pretrain": 1, "head": 2, "finetune": 3}
 
 
-def input_key(parameters: dict[str, Any]) -> str:
+def input_key(task_name: str, parameters: dict[str, Any]) -> str:
     """What a phase's result depends on: its configs, upstream fingerprints and the seed.
 
     Not the run ids, paths or the flow run: the same inputs give the same key in any later flow run.
+    Pretraining never sees a label, so which labels the later phases use (`data.label_fraction`) is
+    not part of its key: a low-label study pretrains once.
     """
 
     def identity(value: Any) -> Any:
         if isinstance(value, RunContext):
             return value.seed
         if isinstance(value, DataBundle):
-            return value.fingerprint
+            return value.images_fingerprint if task_name == "pretrain" else value.fingerprint
         if isinstance(value, Checkpoint):
             return value.sha256
         return value
@@ -56,7 +59,9 @@ def input_key(parameters: dict[str, Any]) -> str:
 
 
 # Prefect reuses a phase's persisted result when its inputs and its task's source are unchanged.
-PHASE_CACHE = TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=lambda _context, parameters: input_key(parameters))
+PHASE_CACHE = TASK_SOURCE + CacheKeyFnPolicy(
+    cache_key_fn=lambda context, parameters: input_key(context.task.name, parameters)
+)
 
 
 class TrainingDivergedError(ConfigError):
@@ -80,8 +85,10 @@ class TrainingPhase:
         torch.manual_seed(seed)  # weights, noise, augmentation; a resumed fit restores the saved RNG states
         self.generator = torch.Generator().manual_seed(seed)
 
-    def log_parameter_counts(self, model: torch.nn.Module) -> None:
-        trainable, frozen = count_parameters(model)
+    def log_parameter_counts(self, model: torch.nn.Module, param_groups: list[dict]) -> None:
+        """Trainable = what the optimizer gets; frozen = the rest of the model."""
+        trainable = sum(p.numel() for group in param_groups for p in group["params"])
+        frozen = sum(p.numel() for p in model.parameters()) - trainable
         self.child.log_params({"params_trainable": trainable, "params_frozen": frozen})
         self.parameter_counts = {f"params/{self.name}_trainable": trainable, f"params/{self.name}_frozen": frozen}
 
@@ -163,8 +170,13 @@ class TrainingPhase:
 
 
 @contextmanager
-def training_phase(name: str, key: str, context: RunContext) -> Iterator[TrainingPhase]:
-    """Open (or, when resuming, reopen) the phase's child run and load its last good epoch state."""
+def training_phase(name: str, context: RunContext) -> Iterator[TrainingPhase]:
+    """Open (or, when resuming, reopen) the phase's child run and load its last good epoch state.
+
+    Called inside the phase's task: its files are named by the same input key as its cached result.
+    """
+    task_run = TaskRunContext.get()
+    key = input_key(task_run.task.name, task_run.parameters)
     states = EpochStates(Path(context.output_dir) / "checkpoints" / f"{name}-{key[:16]}")
     resume = states.load(get_run_logger())
     reopen = (resume["run_id"], resume["epoch"]) if resume else None

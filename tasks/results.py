@@ -29,7 +29,8 @@ class DataBundle(Value):
     """Prepared, normalised splits saved by `prepare_data` (a file of uint8 tensors plus statistics)."""
 
     path: Path
-    fingerprint: str
+    fingerprint: str  # raw data, split settings and the labeled subset
+    images_fingerprint: str  # the same without the labeled subset: all that pretraining depends on
     dataset: str
     source: str
     class_names: list[str]

@@ -24,9 +24,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from prefect import get_run_logger
 
+from configs.errors import ConfigError
 from configs.loader import flatten, to_yaml
 from configs.schema import PipelineConfig, fingerprint
-from models.device import resolve_device
 from tasks import plots
 from tasks.results import Checkpoint, RunContext
 
@@ -60,8 +60,12 @@ def _git_commit() -> str:
 
 
 @contextmanager
-def pipeline_run(config: PipelineConfig, flow_run_id: str | None) -> Iterator[RunContext]:
-    """Open the parent run: tags, the flattened config as params, the resolved config as an artifact."""
+def pipeline_run(config: PipelineConfig, flow_run_id: str | None, device: str) -> Iterator[RunContext]:
+    """Open the parent run: tags, the flattened config as params, the resolved config as an artifact.
+
+    The run ends FINISHED, FAILED (an exception) or KILLED (Ctrl-C), never left RUNNING.
+    """
+    started = time.perf_counter()
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     client = _client(uri)
@@ -82,20 +86,18 @@ def pipeline_run(config: PipelineConfig, flow_run_id: str | None) -> Iterator[Ru
         },
     )
     run_id = parent.info.run_id
-    _log_params(client, run_id, flatten(config))
-    client.log_text(run_id, to_yaml(config), "config.yaml")
-    context = RunContext(
-        name=config.name,
-        tracking_uri=uri,
-        experiment_id=experiment_id,
-        parent_run_id=run_id,
-        seed=config.seed,
-        device=resolve_device(config.device),
-        output_dir=config.output_dir.resolve(),  # absolute: reused results must not depend on the cwd
-    )
-    started = time.perf_counter()
     with _terminated_on_exit(client, run_id):
-        yield context
+        _log_params(client, run_id, flatten(config))
+        client.log_text(run_id, to_yaml(config), "config.yaml")
+        yield RunContext(
+            name=config.name,
+            tracking_uri=uri,
+            experiment_id=experiment_id,
+            parent_run_id=run_id,
+            seed=config.seed,
+            device=device,
+            output_dir=config.output_dir.resolve(),  # absolute: reused results must not depend on the cwd
+        )
         client.log_metric(run_id, "time/total_s", time.perf_counter() - started)
 
 
@@ -178,15 +180,14 @@ class PhaseRun:
 
         Returns the decision in words, with both numbers; it is also logged on this run.
         """
-        try:
-            champion = self.client.get_model_version_by_alias(name, "champion")
-        except MlflowException:
-            champion = None
-        if champion is None:
+        champion = _champion(self.client, name)
+        best = champion.tags.get(metric) if champion else None
+        if best is None:  # no champion yet, or one set by hand without this metric
             self.client.set_registered_model_alias(name, "champion", version)
-            decision = f"version {version} is the first champion of {name} ({metric} {value:.4f})"
+            before = f"version {champion.version} had no {metric}" if champion else "there was none"
+            decision = f"version {version} is the champion of {name} ({metric} {value:.4f}; {before})"
         else:
-            best = float(champion.tags[metric])
+            best = float(best)
             gain = best - value if "loss" in metric else value - best
             if gain > 0 and gain >= min_improvement:
                 self.client.set_registered_model_alias(name, "previous-champion", champion.version)
@@ -349,24 +350,36 @@ def metric_history(run_id: str, name: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in _client(tracking_uri()).get_metric_history(run_id, name))
 
 
+def _champion(client: MlflowClient, model_name: str):
+    """The model version holding alias `champion`, or None when the model or the alias does not exist."""
+    try:
+        aliases = client.get_registered_model(model_name).aliases
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return client.get_model_version(model_name, aliases["champion"]) if "champion" in aliases else None
+
+
 def champion_pipeline_run(model_name: str) -> str | None:
     """The pipeline run whose model holds alias `champion` of `model_name`, if any."""
-    try:
-        version = _client(tracking_uri()).get_model_version_by_alias(model_name, "champion")
-    except MlflowException:
-        return None
-    return version.tags.get("twostage.pipeline_run_id")
+    version = _champion(_client(tracking_uri()), model_name)
+    return version.tags.get("twostage.pipeline_run_id") if version else None
+
+
+class ModelNotFoundError(ConfigError):
+    """No model at the URI given: the message names it and the tracking store."""
 
 
 def load_classifier(model_uri: str):
     """A logged classifier by any MLflow model URI: (pyfunc model, the twostage metadata logged with it).
 
     Raises:
-        LookupError: nothing at that URI (one line, naming it).
+        ModelNotFoundError: nothing at that URI (one line, naming it).
     """
     mlflow.set_tracking_uri(tracking_uri())
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except (MlflowException, OSError) as error:
-        raise LookupError(f"no model at {model_uri} in {tracking_uri()} ({str(error).splitlines()[0]})") from None
+        raise ModelNotFoundError(f"no model at {model_uri} in {tracking_uri()} ({str(error).splitlines()[0]})") from None
     return model, (model.metadata.metadata or {}).get("twostage", {})

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from configs.loader import ConfigError, flatten, load_config, to_yaml, validate_config
+from configs.errors import ConfigError
+from configs.loader import flatten, load_config, to_yaml, validate_config
 from configs.schema import PipelineConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))

@@ -134,3 +134,12 @@ def test_fresh_data_reruns_every_phase_after_the_data_phase(prefect_server, work
     assert sorted(children(client, fresh.pipeline_run_id)) == ["data", "evaluate", "finetune", "head", "pretrain"]
     tags = [client.get_run(r.pipeline_run_id).data.tags["twostage.data_fingerprint"] for r in (first, unchanged, fresh)]
     assert tags[0] == tags[1] != tags[2]
+
+
+def test_changing_the_label_fraction_reuses_pretraining_which_sees_no_labels(prefect_server, workdir):
+    first = two_stage(validate_config(tiny_config()))
+    fewer_labels = two_stage(validate_config(tiny_config(data={"dataset": "digits", "label_fraction": 0.3})))
+    client = MlflowClient()
+    tags = client.get_run(fewer_labels.pipeline_run_id).data.tags
+    assert tags["twostage.reused.pretrain"] == children(client, first.pipeline_run_id)["pretrain"].info.run_id
+    assert sorted(children(client, fewer_labels.pipeline_run_id)) == ["data", "evaluate", "finetune", "head"]

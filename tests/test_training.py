@@ -269,3 +269,12 @@ def test_resuming_a_saved_state_gives_the_uninterrupted_result(tmp_path):
     resumed, _ = train(resume=state)
     for key, value in uninterrupted.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-6, atol=1e-7)
+
+
+def test_batch_size_one_trains():
+    images, labels = blobs(8)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 4))
+    before = model[1].weight.detach().clone()
+    _, history = run(model, [{"params": list(model.parameters())}], classification_loss(), (images, labels),
+                     TrainConfig(epochs=1, batch_size=1))
+    assert history[0].train_loss > 0 and not torch.equal(before, model[1].weight)
