@@ -7,6 +7,7 @@ it resumes after the last completed epoch in the same MLflow child run.
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from collections.abc import Iterator
@@ -173,10 +174,11 @@ class TrainingPhase:
 def training_phase(name: str, context: RunContext) -> Iterator[TrainingPhase]:
     """Open (or, when resuming, reopen) the phase's child run and load its last good epoch state.
 
-    Called inside the phase's task: its files are named by the same input key as its cached result.
+    Called inside the phase's task: its files are named by its input key and its task's source, as its
+    cached result is, so a state left by older code is not resumed by newer code.
     """
     task_run = TaskRunContext.get()
-    key = input_key(task_run.task.name, task_run.parameters)
+    key = fingerprint(input_key(task_run.task.name, task_run.parameters), inspect.getsource(task_run.task.fn))
     states = EpochStates(Path(context.output_dir) / "checkpoints" / f"{name}-{key[:16]}")
     resume = states.load(get_run_logger())
     reopen = (resume["run_id"], resume["epoch"]) if resume else None
