@@ -119,8 +119,8 @@ def our_epochs(root: Path, limit: int, batch_size: int) -> dict[str, float]:
 
     autoencoder = [{"params": [*model.encoder.parameters(), *model.decoder.parameters()]}]
     warm_up = (images[:512], labels[:512])  # first calls pay one-off setup (kernels, allocator): not an epoch's cost
-    epoch("pretrain", model, autoencoder, reconstruction_loss(AugmentConfig(), 0.0), warm_up)
-    epoch("pretrain", model, autoencoder, reconstruction_loss(AugmentConfig(), 0.0), (images, labels))
+    epoch("pretrain", model, autoencoder, reconstruction_loss(AugmentConfig()), warm_up)
+    epoch("pretrain", model, autoencoder, reconstruction_loss(AugmentConfig()), (images, labels))
     freeze(model.encoder)
     started = time.perf_counter()
     features = encode(model.encoder, images, 4096)

@@ -84,12 +84,28 @@ class TrainConfig(StrictModel):
 
 
 class PretrainConfig(TrainConfig):
-    """Stage 1: the encoder learns by reconstructing its input through a decoder."""
+    """Stage 1: the encoder learns without labels.
 
-    denoise_std: NonNegativeFloat = Field(
-        0.0, description="Gaussian noise added to the encoder's input only; the target stays clean."
-    )
+    autoencoder: a decoder reconstructs the (augmented) input; denoising: the same, but the encoder sees a
+    corrupted copy (Gaussian noise, masked pixels) and the target stays clean; contrastive: SimCLR, two
+    augmentations of each image pulled together by NT-Xent on a projection head that is dropped afterwards.
+    """
+
+    objective: Literal["autoencoder", "denoising", "contrastive"] = "autoencoder"
+    noise_std: NonNegativeFloat = Field(0.2, description="denoising: Gaussian noise on the encoder's input.")
+    mask_fraction: float = Field(0.0, ge=0, lt=1, description="denoising: share of input pixels set to 0.")
+    temperature: PositiveFloat = Field(0.5, description="contrastive: NT-Xent temperature.")
+    projection_dim: PositiveInt = Field(64, description="contrastive: output size of the projection head.")
     augment: AugmentConfig = AugmentConfig()
+
+    @model_validator(mode="after")
+    def _contrastive_needs_augmentation(self) -> PretrainConfig:
+        if self.objective == "contrastive" and not self.augment.enabled:
+            raise ValueError(
+                "pretrain.objective contrastive compares two augmentations of each image: set pretrain.augment "
+                "(e.g. rotation_deg: 15, translate_fraction: 0.1, noise_std: 0.1)"
+            )
+        return self
 
 
 class SupervisedConfig(TrainConfig):

@@ -94,3 +94,8 @@ def _cnn_autoencoder(config: ModelConfig, input_shape: tuple[int, int, int]) -> 
         if index < len(pairs) - 1:
             deconv_layers.append(ACTIVATIONS[config.activation]())
     return encoder, nn.Sequential(*deconv_layers)
+
+
+def projection_head(features: int, dim: int) -> nn.Sequential:
+    """SimCLR's projection head: trained with the encoder in contrastive pretraining, then dropped."""
+    return nn.Sequential(nn.Linear(features, features), nn.ReLU(), nn.Linear(features, dim))

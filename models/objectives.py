@@ -12,20 +12,46 @@ from configs.schema import AugmentConfig
 from models.training import LossFn
 
 
-def reconstruction_loss(augment: AugmentConfig, denoise_std: float) -> LossFn:
-    """Stage 1: MSE between the decoder's output and the (augmented) input.
+def reconstruction_loss(augment: AugmentConfig, noise_std: float = 0.0, mask_fraction: float = 0.0) -> LossFn:
+    """Stage 1 (autoencoder, denoising): MSE between the decoder's output and the (augmented) input.
 
-    With `denoise_std` > 0 the encoder sees a noisy copy and the target stays clean (a denoising
-    autoencoder). Unlike the tutorial's `MSE(features, features.detach())`, which is identically zero,
-    this loss depends on every encoder weight through the decoder.
+    With `noise_std` or `mask_fraction` > 0 the encoder sees a corrupted copy (Gaussian noise; that share
+    of pixels zeroed, i.e. set to the mean) and the target stays clean: a denoising autoencoder. Unlike the
+    tutorial's `MSE(features, features.detach())`, which is identically zero, this loss depends on every
+    encoder weight through the decoder.
     """
 
     def loss(model: nn.Module, images: torch.Tensor, _targets: torch.Tensor) -> torch.Tensor:
         clean = augment_batch(images, augment) if augment.enabled else images
-        seen = clean + denoise_std * torch.randn_like(clean) if denoise_std else clean
+        seen = clean + noise_std * torch.randn_like(clean) if noise_std else clean
+        if mask_fraction:
+            seen = seen * (torch.rand_like(seen) >= mask_fraction)
         return F.mse_loss(model.reconstruct(seen), clean)
 
     return loss
+
+
+def contrastive_loss(augment: AugmentConfig, temperature: float) -> LossFn:
+    """Stage 1 (contrastive): NT-Xent between the projections of two augmentations of each image.
+
+    `model` maps images to projections (an encoder followed by a projection head).
+    """
+
+    def loss(model: nn.Module, images: torch.Tensor, _targets: torch.Tensor) -> torch.Tensor:
+        views = torch.cat([augment_batch(images, augment), augment_batch(images, augment)])  # (2B, C, H, W)
+        return nt_xent(model(views), temperature)
+
+    return loss
+
+
+def nt_xent(projections: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's loss for (2B, D) projections whose rows i and i + B are two views of one image."""
+    z = F.normalize(projections, dim=1)
+    similarity = z @ z.T / temperature  # (2B, 2B)
+    count = len(z)
+    similarity = similarity.masked_fill(torch.eye(count, dtype=torch.bool, device=z.device), float("-inf"))
+    partner = (torch.arange(count, device=z.device) + count // 2) % count
+    return F.cross_entropy(similarity, partner)
 
 
 def classification_loss(class_weights: torch.Tensor | None = None) -> LossFn:

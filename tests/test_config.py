@@ -110,3 +110,8 @@ def test_flatten_gives_dotted_keys_for_every_leaf():
 def test_resolved_yaml_round_trips():
     config = validate_config({"seed": 7, "head": {"epochs": 2}})
     assert validate_config(yaml.safe_load(to_yaml(config))) == config
+
+
+def test_contrastive_pretraining_without_augmentation_is_rejected_naming_the_fix():
+    with pytest.raises(ConfigError, match="pretrain.objective contrastive .* set pretrain.augment"):
+        validate_config({"pretrain": {"objective": "contrastive"}})

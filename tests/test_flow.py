@@ -135,3 +135,17 @@ def test_missing_data_fails_without_retries_and_marks_the_runs_failed(prefect_se
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     assert {run.info.status for run in runs} == {"FAILED"}
     assert {run.data.tags.get("twostage.phase") for run in runs} == {None, "data"}
+
+
+@pytest.mark.parametrize("objective, headline", [("denoising", "pretrain/recon_loss"),
+                                                 ("contrastive", "pretrain/contrastive_loss")])
+def test_every_pretraining_objective_runs_through_the_pipeline(prefect_server, workdir, objective, headline):
+    pretrain = {"objective": objective, "mask_fraction": 0.2, "augment": {"rotation_deg": 10, "noise_std": 0.1}}
+    report = two_stage(validate_config(tiny_config(pretrain=pretrain)))
+    client = MlflowClient()
+    assert headline in client.get_run(report.pipeline_run_id).data.metrics
+    child = client.search_runs([report.experiment_id], filter_string="tags.`twostage.phase` = 'pretrain'")[0]
+    files = artifact_paths(client, child.info.run_id)
+    assert "features_pca.png" in files
+    assert ("reconstructions.png" in files) == (objective != "contrastive")
+    assert 0 < report.metrics["test/acc"] <= 1
