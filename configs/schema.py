@@ -73,7 +73,9 @@ class AugmentConfig(StrictModel):
 class TrainConfig(StrictModel):
     """What every training phase shares: budget, optimizer, schedule, stopping, clipping, retries."""
 
-    epochs: PositiveInt = 5
+    epochs: NonNegativeInt = Field(
+        5, description="0 skips the phase's training, for baselines: pretrain 0 = a random encoder, finetune 0 = probe only."
+    )
     batch_size: PositiveInt = 128
     optimizer: OptimizerConfig = OptimizerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()

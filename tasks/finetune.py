@@ -22,15 +22,10 @@ def finetune(config: FinetuneConfig, data: DataBundle, head: Checkpoint, run: Ru
         phase.log_parameter_counts(model, groups)
         images, labels = splits.train_x[splits.labeled], splits.train_y[splits.labeled]
         weights = inverse_frequency_weights(labels, data.num_classes) if config.class_weighted else None
-        result = phase.fit(
-            model,
-            groups,
-            classification_loss(weights),
-            (images, labels),
-            classification_validator(splits.val_x, splits.val_y),
-            config,
-        )
-        return phase.finish(model, result, head.model, data.input_shape, {"finetune/best_val_acc": best_val_acc(result)})
+        validate = classification_validator(splits.val_x, splits.val_y)
+        result = phase.fit(model, groups, classification_loss(weights), (images, labels), validate, config)
+        headline = {"finetune/best_val_acc": best_val_acc(result, validate, model)}
+        return phase.finish(model, result, head.model, data.input_shape, headline)
 
 
 def param_groups(model, encoder_lr_ratio: float) -> list[dict]:

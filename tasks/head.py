@@ -28,12 +28,7 @@ def train_head(config: HeadConfig, data: DataBundle, pretrained: Checkpoint, run
             inputs, val_inputs = encode(model.encoder, images, 1024), encode(model.encoder, splits.val_x, 1024)
         else:
             trained, inputs, val_inputs = model, images, splits.val_x
-        result = phase.fit(
-            trained,
-            head_only,
-            classification_loss(weights),
-            (inputs, labels),
-            classification_validator(val_inputs, splits.val_y),
-            config,
-        )
-        return phase.finish(model, result, pretrained.model, data.input_shape, {"head/best_val_acc": best_val_acc(result)})
+        validate = classification_validator(val_inputs, splits.val_y)
+        result = phase.fit(trained, head_only, classification_loss(weights), (inputs, labels), validate, config)
+        headline = {"head/best_val_acc": best_val_acc(result, validate, trained)}
+        return phase.finish(model, result, pretrained.model, data.input_shape, headline)

@@ -32,7 +32,7 @@ from models.training import (
     classification_metrics,
     fit,
 )
-from tasks import plots, tracking
+from tasks import tracking
 from tasks.files import file_sha256, save_atomically, write_temporary
 from tasks.results import Checkpoint, DataBundle, RunContext
 
@@ -103,6 +103,8 @@ class TrainingPhase:
         config: TrainConfig,
     ) -> FitResult:
         """The shared loop, with an epoch state saved before each epoch's metrics are logged."""
+        if config.epochs == 0:
+            self.logger.info("%s: epochs 0, so no training: the weights stay as they came in", self.name)
         if self.resume is not None:
             self._log_epochs_saved_but_not_logged()
             self.logger.info("%s: resuming after epoch %d/%d", self.name, self.resume["epoch"], config.epochs)
@@ -122,7 +124,7 @@ class TrainingPhase:
             ) from error
 
     def _report(self, stats: EpochStats) -> None:
-        self.child.log_metrics(stats.metrics(), step=stats.epoch)
+        self.child.log_metrics({**stats.metrics(), "time/epoch_s": stats.seconds}, step=stats.epoch)
         shown = " ".join(f"{name} {value:.4f}" for name, value in stats.metrics().items() if name != "lr")
         self.logger.info(
             "%s epoch %d/%d %s lr %.2e %.1fs", self.name, stats.epoch, stats.epochs, shown, stats.lr, stats.seconds
@@ -143,7 +145,7 @@ class TrainingPhase:
         input_shape: tuple[int, int, int],
         headline: dict[str, float],
     ) -> Checkpoint:
-        """Save and log the final weights and loss curve; drop the epoch states, which are no longer needed.
+        """Save and log the final weights; drop the epoch states, which are no longer needed.
 
         headline: the phase's key result for the parent run, e.g. {"head/best_val_acc": 0.97}; the parent
         also gets the phase's seconds and parameter counts.
@@ -151,8 +153,7 @@ class TrainingPhase:
         path = self.states.stem.with_suffix(".pt")
         save_atomically(model.state_dict(), path)
         sha256 = file_sha256(path)
-        self.child.log_artifact(path, "checkpoint")
-        self.child.log_figure(plots.loss_curves(result.history, self.name), f"{self.name}_loss.png")
+        self.child.log_artifact(path, "checkpoint")  # the curves: MLflow charts the per-epoch metrics
         seconds = time.perf_counter() - self.child.started
         metrics = {**headline, **self.parameter_counts, f"time/{self.name}_s": seconds}
         self.child.log_metrics(metrics, on_parent=True)
@@ -246,5 +247,8 @@ def classification_validator(inputs: torch.Tensor, targets: torch.Tensor) -> Val
     return validate
 
 
-def best_val_acc(result: FitResult) -> float:
+def best_val_acc(result: FitResult, validate: Validate, model: torch.nn.Module) -> float:
+    """The best epoch's val/acc; with no epochs (`epochs: 0`), the model's as it is."""
+    if not result.history:
+        return validate(model)["val/acc"]
     return max(stats.val["val/acc"] for stats in result.history)

@@ -53,7 +53,7 @@ def test_invalid_value_is_rejected_with_key_and_value(tmp_path):
 
 
 def test_errors_are_one_line(tmp_path):
-    path = write(tmp_path, "head:\n  epochs: 0\n  batch_size: nope\n")
+    path = write(tmp_path, "head:\n  epochs: -1\n  batch_size: nope\n")
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert "\n" not in str(caught.value)
