@@ -1,0 +1,143 @@
+"""Where a `twostage run` spends its time: training compute against orchestration and tracking.
+
+One process does what `twostage run` does, timing each part: Python imports, the start of Prefect's
+ephemeral server, then two flow runs, each in a fresh folder (its own MLflow store and outputs, every
+phase trained): the first pays the libraries' lazy imports, as a `twostage run` does; the later one is
+what each further run of a long-lived process (`twostage serve`) costs. A flow run's wall time is split into
+  - compute: the training phases' epochs (forward, backward, optimizer steps, validation);
+  - Prefect: what a flow run of five empty tasks costs, measured just before it in this process;
+  - ours: the rest: data preparation and, in each phase, everything around its epochs (MLflow runs and
+    metrics, epoch states, checkpoints, plots; evaluation with model logging and registry), and the
+    parent run (its params and config, the loss-curve figure, the Prefect summary artifacts).
+
+Usage: python benchmarks/overhead.py [-c CONFIG] [--set KEY=VALUE ...]   (default: configs/quickstart.yaml)
+"""
+
+from __future__ import annotations
+
+import time
+
+STARTED = time.perf_counter()
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from mlflow.tracking import MlflowClient  # noqa: E402
+from prefect import flow, task  # noqa: E402
+from prefect.client.orchestration import get_client  # noqa: E402
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings  # noqa: E402
+
+from configs.loader import load_config  # noqa: E402
+from flows.two_stage import two_stage  # noqa: E402
+
+TRAINING = ("pretrain", "head", "finetune")
+OUR_LIMIT_S = 2.0  # issue 6: our own overhead per pipeline run on quickstart
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-c", "--config", default=str(REPO / "configs" / "quickstart.yaml"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    imports_s = time.perf_counter() - STARTED
+
+    started = time.perf_counter()
+    with get_client(sync_client=True) as client:  # the first client starts the ephemeral server
+        client.hello()
+    server_s = time.perf_counter() - started
+
+    config = load_config(Path(args.config).resolve(), args.overrides)
+    runs = [measure_flow_run(config) for _ in range(2)]
+    first, later = runs
+
+    print(f"config: {args.config} {' '.join(args.overrides)}  (test/acc {later['test/acc']:.4f})")
+    print(f"{'Python imports (torch, prefect, mlflow)':44s} {imports_s:6.2f} s")
+    print(f"{'Prefect ephemeral server start-up':44s} {server_s:6.2f} s   (none with PREFECT_API_URL set)")
+    print(f"{'MLflow sqlite store creation':44s} {first['store_s']:6.2f} s   (once per new store)")
+    print(f"{'':44s} {'first run':>9s} {'later run':>10s}   (later run, by phase)")
+    for label, key in (
+        ("flow run, wall", "flow_s"),
+        ("  compute: training epochs", "compute"),
+        ("  ours: the rest (tracking, checkpoints, plots)", "ours"),
+        ("  Prefect: a flow run of five empty tasks", "prefect_s"),
+    ):
+        values = [run[key] if isinstance(run[key], float) else sum(run[key].values()) for run in runs]
+        by_phase = _by_phase(later[key]) if isinstance(later[key], dict) else ""
+        print(f"{label:44s} {values[0]:8.2f} s {values[1]:8.2f} s   {by_phase}")
+    print(f"{'whole process':44s} {time.perf_counter() - STARTED:6.2f} s")
+    ours, once = sum(later["ours"].values()), sum(first["ours"].values()) - sum(later["ours"].values())
+    verdict = "within" if ours <= OUR_LIMIT_S else "OVER"
+    print(f"our overhead per pipeline run {ours:.2f} s: {verdict} the {OUR_LIMIT_S:.0f} s target "
+          f"(the first run in a process adds {once:.2f} s of one-time lazy imports)")
+    return 0
+
+
+def measure_flow_run(config) -> dict:
+    """One flow run in a fresh folder: its own MLflow store, data cache, outputs and Prefect results."""
+    with tempfile.TemporaryDirectory() as folder:
+        os.chdir(folder)
+        uri = f"sqlite:///{Path(folder) / 'mlflow.db'}"
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+        started = time.perf_counter()
+        MlflowClient(uri).search_experiments()  # creates the store's tables
+        store_s = time.perf_counter() - started
+        with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: Path(folder) / "results"}):
+            prefect_s = prefect_cost()
+            started = time.perf_counter()
+            report = two_stage(config)
+            flow_s = time.perf_counter() - started
+        parts = phase_times(MlflowClient(uri), report.pipeline_run_id)
+        os.chdir(REPO)
+    compute = {phase: parts[phase]["epochs_s"] for phase in TRAINING}
+    ours = {phase: parts[phase]["total_s"] - parts[phase].get("epochs_s", 0.0) for phase in parts}
+    ours["parent"] = flow_s - prefect_s - sum(parts[phase]["total_s"] for phase in parts)
+    return {"store_s": store_s, "flow_s": flow_s, "compute": compute, "ours": ours, "prefect_s": prefect_s,
+            "test/acc": report.metrics["test/acc"]}
+
+
+@task
+def _nothing(value: int) -> int:
+    return value
+
+
+@flow
+def _five_empty_tasks() -> None:
+    for index in range(5):
+        _nothing(index)
+
+
+def prefect_cost() -> float:
+    """Seconds of a flow run of five empty tasks: Prefect's own share of a five-phase flow run."""
+    started = time.perf_counter()
+    _five_empty_tasks()
+    return time.perf_counter() - started
+
+
+def phase_times(client: MlflowClient, pipeline_run_id: str) -> dict[str, dict[str, float]]:
+    """{phase: {"total_s": the phase task's seconds, "epochs_s": its epochs' seconds (training phases)}}."""
+    parent = client.get_run(pipeline_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{pipeline_run_id}'"
+    )
+    times = {}
+    for child in children:
+        phase = child.data.tags["twostage.phase"]
+        times[phase] = {"total_s": child.data.metrics[f"time/{phase}_s"]}
+        if phase in TRAINING:
+            times[phase]["epochs_s"] = sum(m.value for m in client.get_metric_history(child.info.run_id, "time/epoch_s"))
+    return times
+
+
+def _by_phase(seconds: dict[str, float]) -> str:
+    return ", ".join(f"{phase} {value:.2f}" for phase, value in seconds.items())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
