@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+import torch._dynamo  # noqa: E402, F401 - torch imports it when the first optimizer is made (~1 s)
 from mlflow.tracking import MlflowClient  # noqa: E402
 from prefect import flow, task  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402

@@ -126,6 +126,7 @@ class FinetuneConfig(SupervisedConfig):
     """Stage 3: everything trains; the encoder at `optimizer.lr * encoder_lr_ratio`."""
 
     encoder_lr_ratio: float = Field(0.1, gt=0, le=1)
+    augment: AugmentConfig = Field(AugmentConfig(), description="Augmentation of the labeled training images.")
 
 
 class EvalConfig(StrictModel):
@@ -198,6 +199,8 @@ class PipelineConfig(StrictModel):
     name: str = Field("twostage", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="MLflow experiment name.")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    amp: bool = Field(False, description="Train under bfloat16 autocast: faster on GPUs and on CPUs with bf16 units.")
+    compile: bool = Field(False, description="torch.compile the training forward pass (pays off on long GPU runs).")
     output_dir: Path = Field(Path("outputs"), description="Phase checkpoints.")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()

@@ -133,6 +133,8 @@ def fit(
     generator: torch.Generator,
     save_state: Callable[[dict], None] | None = None,
     resume: dict | None = None,
+    amp: bool = False,
+    compile: bool = False,
 ) -> FitResult:
     """Train the parameters in `param_groups` of `model` on `data` = (inputs, targets).
 
@@ -145,6 +147,8 @@ def fit(
         save_state: receives everything needed to continue after each epoch (model, optimizer,
             scheduler, early stopping, RNG states, history); pass it back as `resume`.
         resume: a state from `save_state`: training continues after its epoch, as if never stopped.
+        amp: forward passes and losses under bfloat16 autocast (weights, gradients and optimizer stay float32).
+        compile: the training forward pass through `torch.compile` (validation runs the model as it is).
 
     Raises:
         NonFiniteLossError: the epoch's training loss was NaN or infinite.
@@ -167,6 +171,7 @@ def fit(
         result.history = [EpochStats(**stats) for stats in resume["history"]]
         result.stopped_early = resume["stopped_early"]
     count = len(inputs)
+    forward = torch.compile(model) if compile else model  # shares the parameters; state dicts stay `model`'s
     for epoch in range(first_epoch, config.epochs + 1):
         if result.stopped_early:
             break
@@ -178,7 +183,8 @@ def fit(
             index = order[start : start + config.batch_size]
             if len(index) == 1 and start > 0:
                 continue  # a lone trailing sample would break BatchNorm and adds nothing
-            loss = loss_fn(model, inputs[index], targets[index])
+            with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = loss_fn(forward, inputs[index], targets[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip_norm:

@@ -8,6 +8,7 @@ normalises them on the device.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import shutil
@@ -117,8 +118,16 @@ def _bundle(path: Path, saved: dict, source: str) -> DataBundle:
 
 
 def load_splits(bundle: DataBundle, device: torch.device | str) -> Splits:
-    """The bundle's splits as normalised float32 tensors on `device`."""
-    saved = torch.load(bundle.path, weights_only=True)
+    """The bundle's splits as normalised float32 tensors on `device`, loaded once for all phases of a run.
+
+    The tensors are shared: every phase only reads them (batches, augmentations and features are copies).
+    """
+    return _load_splits(Path(bundle.path), bundle.fingerprint, str(device))
+
+
+@functools.lru_cache(maxsize=1)  # one data set in memory: a run's phases share it, the next data set replaces it
+def _load_splits(path: Path, fingerprint: str, device: str) -> Splits:
+    saved = torch.load(path, weights_only=True)
     mean = saved["mean"].to(device).view(1, -1, 1, 1)
     std = saved["std"].to(device).view(1, -1, 1, 1)
 

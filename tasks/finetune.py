@@ -23,7 +23,7 @@ def finetune(config: FinetuneConfig, data: DataBundle, head: Checkpoint, run: Ru
         images, labels = splits.train_x[splits.labeled], splits.train_y[splits.labeled]
         weights = inverse_frequency_weights(labels, data.num_classes) if config.class_weighted else None
         validate = classification_validator(splits.val_x, splits.val_y)
-        result = phase.fit(model, groups, classification_loss(weights), (images, labels), validate, config)
+        result = phase.fit(model, groups, classification_loss(weights, config.augment), (images, labels), validate, config)
         headline = {"finetune/best_val_acc": best_val_acc(result, validate, model)}
         return phase.finish(model, result, head.model, data.input_shape, headline)
 

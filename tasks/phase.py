@@ -40,7 +40,7 @@ PHASE_SEEDS = {"pretrain": 1, "head": 2, "finetune": 3}
 
 
 def input_key(task_name: str, parameters: dict[str, Any]) -> str:
-    """What a phase's result depends on: its configs, upstream fingerprints and the seed.
+    """What a phase's result depends on: its configs, upstream fingerprints, the seed and `amp`.
 
     Not the run ids, paths or the flow run: the same inputs give the same key in any later flow run.
     Pretraining never sees a label, so which labels the later phases use (`data.label_fraction`) is
@@ -48,8 +48,8 @@ def input_key(task_name: str, parameters: dict[str, Any]) -> str:
     """
 
     def identity(value: Any) -> Any:
-        if isinstance(value, RunContext):
-            return value.seed
+        if isinstance(value, RunContext):  # not the device or compile: they change results only within noise
+            return [value.seed, value.amp]
         if isinstance(value, DataBundle):
             return value.images_fingerprint if task_name == "pretrain" else value.fingerprint
         if isinstance(value, Checkpoint):
@@ -115,7 +115,7 @@ class TrainingPhase:
         try:
             return fit(
                 model, param_groups, loss_fn, data, validate, config, self._report, self.generator,
-                save_state=save_state, resume=self.resume,
+                save_state=save_state, resume=self.resume, amp=self.context.amp, compile=self.context.compile,
             )
         except NonFiniteLossError as error:
             raise TrainingDivergedError(

@@ -22,6 +22,8 @@ class RunContext(Value):
     parent_run_id: str
     seed: int
     device: str
+    amp: bool
+    compile: bool
     output_dir: Path
 
 

@@ -96,6 +96,8 @@ def pipeline_run(config: PipelineConfig, flow_run_id: str | None, device: str) -
             parent_run_id=run_id,
             seed=config.seed,
             device=device,
+            amp=config.amp,
+            compile=config.compile,
             output_dir=config.output_dir.resolve(),  # absolute: reused results must not depend on the cwd
         )
         client.log_metric(run_id, "time/total_s", time.perf_counter() - started)

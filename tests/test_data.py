@@ -127,3 +127,10 @@ def test_an_unreadable_image_is_named(tmp_path):
     config = DataConfig(dataset="image_folder", image_folder=tmp_path / "images", root=tmp_path)
     with pytest.raises(DataNotFoundError, match="broken.png: not a readable image"):
         prepare(config)
+
+
+def test_the_phases_of_a_run_share_one_loaded_copy_of_the_splits(tmp_path):
+    bundle = prepare(DataConfig(dataset="digits", root=tmp_path))
+    first, second = load_splits(bundle, "cpu"), load_splits(bundle, "cpu")
+    assert first.train_x is second.train_x
+    assert first.train_x.dtype == torch.float32 and abs(first.train_x.mean().item()) < 0.05

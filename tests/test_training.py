@@ -304,3 +304,31 @@ def test_contrastive_pretraining_moves_encoder_weights_and_lowers_its_loss():
                      TrainConfig(epochs=20, batch_size=64, optimizer=OptimizerConfig(lr=3e-3)))
     assert all(not torch.equal(b, a) for b, a in zip(before, model.encoder.parameters()))
     assert history[-1].train_loss < 0.8 * history[0].train_loss
+
+
+@pytest.mark.parametrize("option", ["amp", "compile"])
+def test_bf16_autocast_and_compile_train_float32_weights_to_the_same_accuracy(option):
+    """`amp: true` and `compile: true` (meant for GPUs) also run on the CPU; results match within noise."""
+    images, labels = blobs(256)
+    config = TrainConfig(epochs=15, batch_size=32, optimizer=OptimizerConfig(lr=3e-3))
+    accuracies = []
+    for enabled in (False, True):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(encoder_widths=[32, 16]), (1, 8, 8), 4)
+        fit(model, [{"params": list(model.parameters())}], classification_loss(), (images, labels),
+            lambda m: {"val/loss": 0.0}, config, lambda stats: None, torch.Generator().manual_seed(0),
+            **{option: enabled})
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert not any(key.startswith("_orig_mod") for key in model.state_dict())
+        accuracies.append(classification_metrics(model, images, labels, 64)[1])
+    assert accuracies[0] > 0.95
+    assert accuracies[1] == pytest.approx(accuracies[0], abs=0.03)
+
+
+def test_finetune_augmentation_perturbs_training_batches_only():
+    torch.manual_seed(0)
+    images, labels = blobs(64)
+    model = build_model(ModelConfig(encoder_widths=[32, 16]), (1, 8, 8), 4).eval()
+    plain, augmented = classification_loss(), classification_loss(augment=AugmentConfig(translate_fraction=0.2, hflip=True))
+    assert augmented(model, images, labels).item() != pytest.approx(plain(model, images, labels).item(), abs=1e-4)
+    assert classification_loss(augment=AugmentConfig())(model, images, labels).item() == plain(model, images, labels).item()
