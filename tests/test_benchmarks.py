@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -45,3 +46,29 @@ def test_overhead_benchmark_splits_a_flow_run_into_compute_ours_and_prefect(pref
     assert rows["compute: training epochs"][1] < rows["flow run, wall"][1]
     assert re.search(r"^our overhead per pipeline run [0-9.]+ s: (within|OVER) the 2 s target", result.stdout, re.M)
     assert not (tmp_path / "mlflow.db").exists()  # it measured in folders of its own
+
+
+def test_results_benchmark_writes_the_tables_and_the_low_label_plot(prefect_server, tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
+    tiny_mnist(tmp_path / "idx", train=200, test=50)
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    quick = [f"{phase}.epochs=1" for phase in ("pretrain", "head", "finetune")]
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "results.py"), "--seeds", "0", "--fractions", "0.1", "1.0",
+         "--out", str(tmp_path / "out"), *(f"--set={item}" for item in [*quick, f"data.mirror={tmp_path / 'idx'}"])],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = (tmp_path / "out" / "RESULTS.md").read_text()
+    for row in ("reference tutorial as written", "plain supervised", "tuned MLP", "CNN encoder"):
+        assert re.search(rf"^\| {row}[^|]*\| [01]\.\d{{4}} ± 0\.0000 \| \d+\.\d \| `twostage run -c configs/", text, re.M), row
+    assert "--set pretrain.epochs=0 --set finetune.epochs=0" in text  # the tutorial: no stage 1, no finetuning
+    study = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    for method in ("two-stage, denoising", "probe only, contrastive", "from scratch", "logistic regression on pixels"):
+        assert re.search(r"(\| [01]\.\d{4} ± 0\.0000 ){2}\|$", study[method]), study[method]
+    assert "label_fraction=0.1 --set pretrain.objective=denoising --set head.epochs=10 --set finetune.epochs=10`" in text
+    assert "--set head.epochs=10 --set finetune.epochs=0`" in text  # probe only: 10 times the head's epochs
+    assert (tmp_path / "out" / "low_label.png").stat().st_size > 10_000
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())  # what `--parts` keeps between runs
+    assert set(saved) == {"main", "study"} and saved["main"]["made"]["sizes"]["train"] == 180

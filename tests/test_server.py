@@ -160,7 +160,7 @@ def test_a_served_deployment_runs_on_the_server_tracked_in_mlflow_with_summary_a
 def test_prefect_yaml_deploys_the_shipped_configs_with_their_validated_parameters():
     project = yaml.safe_load((REPO / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in project["deployments"]}
-    assert set(deployments) == {"quickstart", "mnist", "fashion_mnist"}
+    assert set(deployments) == {"quickstart", "mnist", "fashion_mnist", "fashion_mnist_cnn"}
     for name, deployment in deployments.items():
         assert deployment["entrypoint"] == "flows/two_stage.py:two_stage"
         assert deployment["work_pool"]["name"] == "twostage"

@@ -1,0 +1,266 @@
+"""Test accuracy on real Fashion-MNIST, over seeds, each row with the command that reproduces it.
+
+Writes results.json, RESULTS.md and low_label.png (default: into benchmarks/). Every row but logistic regression is a
+pipeline run: the flow that `twostage run -c CONFIG --set ...` runs, called here in one process so that
+Prefect's server starts once. Runs are logged to the usual MLflow store (sqlite:///mlflow.db here unless
+MLFLOW_TRACKING_URI says otherwise), one experiment per row, to browse or `twostage compare` later.
+
+  main rows   the reference tutorial as written (stage 1 learns nothing: a random frozen encoder and a
+              head), plain supervised training of its MLP, its settings with our real pretraining, the
+              tuned MLP config and the CNN config. Timed rows retrain every phase (`--rerun pretrain`);
+              the time is the flow run's wall time, the process already warm (server up, imports done).
+  low-label   at each label fraction: two-stage (pretrain, head, finetune) and probe only (finetune 0)
+              for each stage-1 objective, from scratch (no stage 1 or 2, all at the finetune lr), and
+              logistic regression on pixels. The supervised phases get min(1/fraction, 10) times the
+              config's epochs, the same for every method: as many steps as with all labels, down to 10%.
+
+`--parts main` or `--parts study` measures one part and keeps the other's rows from results.json.
+
+Usage: python benchmarks/results.py [--parts main study] [--seeds 0 1 2] [--fractions 0.01 0.1 1.0]
+                                    [--set KEY=VALUE ...] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+import torch  # noqa: E402
+
+from configs.loader import load_config  # noqa: E402
+from configs.schema import PipelineConfig  # noqa: E402
+
+MLP = "configs/fashion_mnist.yaml"
+REFERENCE = "configs/mnist.yaml"
+FASHION = ["data.dataset=fashion_mnist"]
+MAIN_ROWS = [  # key, what it is, config, overrides
+    ("tutorial", "reference tutorial as written: random frozen encoder + head, 5 epochs, batch 32",
+     REFERENCE, [*FASHION, "pretrain.epochs=0", "finetune.epochs=0"]),
+    ("supervised", "plain supervised training of the same MLP, 5 epochs, batch 32",
+     REFERENCE, [*FASHION, "pretrain.epochs=0", "head.epochs=0"]),
+    ("reference", "reference settings with our real pretraining: 5+5+5 epochs, batch 32",
+     REFERENCE, FASHION),
+    ("tuned", "tuned MLP (configs/fashion_mnist.yaml)", MLP, []),
+    ("cnn", "CNN encoder (configs/fashion_mnist_cnn.yaml)", "configs/fashion_mnist_cnn.yaml", []),
+]
+OBJECTIVES = {
+    "autoencoder": ["pretrain.objective=autoencoder"],
+    "denoising": ["pretrain.objective=denoising"],
+    "contrastive": [
+        "pretrain.objective=contrastive", "pretrain.augment.translate_fraction=0.1",
+        "pretrain.augment.scale_delta=0.1", "pretrain.augment.hflip=true", "pretrain.augment.noise_std=0.2",
+    ],
+}
+PUBLISHED = [  # zalandoresearch/fashion-mnist benchmark rows, for scale
+    ("scikit-learn MLPClassifier (published benchmark)", "≈ 0.877"),
+    ("small 2-conv networks (published benchmark)", "0.91–0.93"),
+]
+
+
+@dataclass
+class Row:
+    label: str
+    command: str
+    accuracies: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+
+    def accuracy(self) -> str:
+        return f"{statistics.mean(self.accuracies):.4f} ± {spread(self.accuracies):.4f}"
+
+
+def spread(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", choices=["main", "study"], default=["main", "study"],
+                        help="measure these; the other part's rows come from the last results.json")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="applied to every pipeline row, e.g. data.mirror=DIR")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
+    args = parser.parse_args(argv)
+
+    from flows.two_stage import two_stage
+    from models.device import resolve_device
+    from tasks.data import prepare
+
+    def pipeline(config_path: str, overrides: list[str], seed: int, timed: bool) -> tuple[float, float]:
+        config = load_config(REPO / config_path, [*overrides, f"seed={seed}", *args.overrides])
+        started = time.perf_counter()
+        report = two_stage(config, rerun="pretrain" if timed else None)
+        seconds = time.perf_counter() - started
+        print(f"  {command(config_path, overrides)} --set seed={seed}: test/acc {report.metrics['test/acc']:.4f}, "
+              f"{seconds:.1f} s", flush=True)
+        return report.metrics["test/acc"], seconds
+
+    pipeline("configs/quickstart.yaml", ["name=results-warmup", "pretrain.epochs=1", "head.epochs=1",
+                                         "finetune.epochs=1"], 0, timed=False)  # lazy imports, first flow run
+    base = load_config(REPO / MLP, args.overrides)
+    made = {
+        "command": " ".join(["python benchmarks/results.py", *(sys.argv[1:] if argv is None else argv)]),
+        "date": str(datetime.date.today()), "machine": machine(resolve_device(base.device)),
+        "torch": torch.__version__, "sizes": prepare(base.data).sizes, "seeds": args.seeds,
+    }
+    results_file = args.out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+
+    if "main" in args.parts:
+        rows = {}
+        for key, label, config_path, overrides in MAIN_ROWS:
+            overrides = [f"name=results-{key}", *overrides]
+            row = rows[key] = Row(label, command(config_path, overrides))
+            for seed in args.seeds:
+                accuracy, seconds = pipeline(config_path, overrides, seed, timed=True)
+                row.accuracies.append(accuracy)
+                row.seconds.append(seconds)
+        results["main"] = {"made": made, "rows": {key: asdict(row) for key, row in rows.items()}}
+
+    if "study" in args.parts:
+        rows = []
+        for fraction in args.fractions:
+            scale = min(round(1 / fraction), 10)  # as many steps as with all labels, down to 10% of them
+            head, finetune = f"head.epochs={base.head.epochs * scale}", f"finetune.epochs={base.finetune.epochs * scale}"
+            labels = ["name=low_label_study", f"data.label_fraction={fraction}"]
+            runs = [
+                (f"{method}, {objective}", [*labels, *chosen, *epochs])
+                for objective, chosen in OBJECTIVES.items()
+                for method, epochs in (("two-stage", [head, finetune]), ("probe only", [head, "finetune.epochs=0"]))
+            ]
+            scratch = [*labels, "pretrain.epochs=0", "head.epochs=0", finetune, "finetune.encoder_lr_ratio=1.0"]
+            for method, overrides in [*runs, ("from scratch", scratch)]:
+                row = Row(method, command(MLP, overrides))
+                row.accuracies = [pipeline(MLP, overrides, seed, timed=False)[0] for seed in args.seeds]
+                rows.append({"fraction": fraction, **asdict(row)})
+            rows.append({"fraction": fraction, **asdict(logistic_regression(base, fraction))})
+        results["study"] = {"made": made, "rows": rows}
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_file.write_text(json.dumps(results, indent=1) + "\n")
+    if "study" in results:
+        plot_study(results["study"]["rows"], args.out / "low_label.png")
+    (args.out / "RESULTS.md").write_text(report(results))
+    print(f"wrote {results_file}, {args.out / 'RESULTS.md'} and {args.out / 'low_label.png'}")
+    return 0
+
+
+def command(config_path: str, overrides: list[str]) -> str:
+    return " ".join(["twostage run -c", config_path, *(f"--set {override}" for override in overrides)])
+
+
+def logistic_regression(base: PipelineConfig, fraction: float) -> Row:
+    """scikit-learn's LogisticRegression on the normalised pixels of the same labeled subset."""
+    from sklearn.linear_model import LogisticRegression
+
+    from tasks.data import load_splits, prepare
+
+    data = base.data.model_copy(update={"label_fraction": fraction})
+    splits = load_splits(prepare(data), "cpu")
+    images, labels = splits.train_x[splits.labeled].flatten(1).numpy(), splits.train_y[splits.labeled].numpy()
+    model = LogisticRegression(max_iter=300).fit(images, labels)
+    accuracy = float((model.predict(splits.test_x.flatten(1).numpy()) == splits.test_y.numpy()).mean())
+    print(f"  logistic regression at label fraction {fraction}: test/acc {accuracy:.4f}", flush=True)
+    return Row("logistic regression on pixels", "LogisticRegression(max_iter=300) in benchmarks/results.py", [accuracy])
+
+
+def plot_study(rows: list[dict], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 5), layout="constrained")
+    axes = figure.subplots()
+    fractions = sorted({row["fraction"] for row in rows})
+    for index, method in enumerate(dict.fromkeys(row["label"] for row in rows)):
+        points = sorted((row["fraction"], row["accuracies"]) for row in rows if row["label"] == method)
+        style = "-" if method.startswith("two-stage") else ":" if method.startswith("probe") else "--"
+        axes.errorbar([f for f, _ in points], [statistics.mean(a) for _, a in points],
+                      yerr=[spread(a) for _, a in points], fmt=style, marker="o", capsize=3, label=method,
+                      color=f"C{index}")
+    axes.set(xscale="log", xlabel="share of training labels", ylabel="test accuracy",
+             title="Fashion-MNIST with few labels: mean ± std over seeds")
+    axes.set_xticks(fractions, [f"{fraction:.0%}" for fraction in fractions])
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.savefig(path, dpi=120)
+
+
+def report(results: dict) -> str:
+    lines = ["# Results on Fashion-MNIST", ""]
+    if "main" in results:
+        rows = {key: Row(**row) for key, row in results["main"]["rows"].items()}
+        reference, tuned = statistics.mean(rows["reference"].seconds), statistics.mean(rows["tuned"].seconds)
+        lines += [
+            describe(results["main"]["made"]),
+            "",
+            "| | test accuracy | flow run (s) | command (add `--set seed=N`) |",
+            "|---|---:|---:|---|",
+            *(f"| {row.label} | {row.accuracy()} | {statistics.mean(row.seconds):.1f} | `{row.command}` |"
+              for row in rows.values()),
+            *(f"| {label} | {value} | | |" for label, value in PUBLISHED),
+            "",
+            f"The tuned MLP config's flow run takes 1/{reference / tuned:.1f} of the reference settings' "
+            f"({tuned:.1f} s against {reference:.1f} s). A flow run is the whole pipeline (data, pretrain, head, "
+            "finetune, evaluate, with tracking) in a warm process, every phase trained; `twostage run` adds Python "
+            "imports and Prefect's server start-up (`benchmarks/overhead.py` measures them).",
+            "",
+        ]
+    if "study" in results:
+        cells = {(row["label"], row["fraction"]): Row(**{k: v for k, v in row.items() if k != "fraction"})
+                 for row in results["study"]["rows"]}
+        fractions = sorted({fraction for _, fraction in cells})
+        lines += [
+            "## Few labels",
+            "",
+            "![low-label study](low_label.png)",
+            "",
+            describe(results["study"]["made"]) + " The tuned MLP config's architecture and budget; with a share "
+            "of labels below 1, head and finetune get min(1/share, 10) times its epochs, the same for every "
+            "method. The labeled subset is the same for every seed (`data.split_seed` 0). Pretraining uses every "
+            "training image without its label, once per objective and seed: the pipeline reuses it at every share.",
+            "",
+            "| method | " + " | ".join(f"{fraction:.0%} of labels" for fraction in fractions) + " |",
+            "|---|" + "---:|" * len(fractions),
+            *(f"| {method} | " + " | ".join(cells[(method, f)].accuracy() for f in fractions) + " |"
+              for method in dict.fromkeys(method for method, _ in cells)),
+            "",
+            "Commands (add `--set seed=N`):",
+            "",
+            *(f"- {method}, {fraction:.0%} of labels: `{row.command}`" for (method, fraction), row in cells.items()),
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def describe(made: dict) -> str:
+    sizes = made["sizes"]
+    return (
+        f"Made by `{made['command']}` on {made['date']}: {made['machine']}, torch {made['torch']}. Test accuracy on "
+        f"the official test split ({sizes['test']:,} images), mean ± sample std over seeds "
+        f"{', '.join(map(str, made['seeds']))}; {sizes['train']:,} training and {sizes['val']:,} validation images."
+    )
+
+
+def machine(device: str) -> str:
+    if device == "cuda":
+        return f"GPU {torch.cuda.get_device_name()}"
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return f"CPU {names[0] if names else platform.processor()}, {torch.get_num_threads()} threads"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
