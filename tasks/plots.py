@@ -83,8 +83,12 @@ def pipeline_curves(histories: dict[str, dict[str, list[tuple[int, float]]]]) ->
         last = max((step for points in metrics.values() for step, _ in points), default=0)
         offset += last
         axes.axvline(offset + 0.5, color="grey", linewidth=0.5)
-    axes.set(xlabel="epoch (phases one after another)", ylabel="loss", title="training phases", yscale="log")
-    axes.legend(fontsize=7, ncol=3)
+    axes.set(xlabel="epoch (phases one after another)", ylabel="loss", title="training phases")
+    if any(value > 0 for metrics in histories.values() for points in metrics.values() for _, value in points):
+        axes.set_yscale("log")
+        axes.legend(fontsize=7, ncol=3)
+    else:  # every phase reused from another MLflow store, or trained for 0 epochs
+        axes.text(0.5, 0.5, "no epochs logged in this MLflow store", ha="center", transform=axes.transAxes)
     return figure
 
 

@@ -52,7 +52,8 @@ def test_results_benchmark_writes_the_tables_and_the_low_label_plot(prefect_serv
     from prefect.settings import PREFECT_API_URL
 
     tiny_mnist(tmp_path / "idx", train=200, test=50)
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+           "PREFECT_HOME": str(tmp_path / "prefect-home")}  # its phase results stay out of ~/.prefect
     quick = [f"{phase}.epochs=1" for phase in ("pretrain", "head", "finetune")]
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "results.py"), "--seeds", "0", "--fractions", "0.1", "1.0",

@@ -173,3 +173,13 @@ def test_zero_epochs_skip_training_for_baselines(prefect_server, workdir):
     parent = client.get_run(report.pipeline_run_id).data.metrics
     assert parent["finetune/best_val_acc"] == pytest.approx(parent["head/best_val_acc"])
     assert 0 < report.metrics["test/acc"] <= 1
+
+
+def test_the_parent_loss_figure_draws_when_no_phase_logged_an_epoch():
+    """All phases reused from runs in another MLflow store, or trained for 0 epochs: the run must not fail."""
+    import io
+
+    from tasks.plots import pipeline_curves
+
+    figure = pipeline_curves({phase: {"train/loss": [], "val/loss": []} for phase in ("pretrain", "head", "finetune")})
+    figure.savefig(io.BytesIO(), format="png")
