@@ -75,6 +75,7 @@ class Row:
     command: str
     accuracies: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
+    made: dict | None = None  # when and how a main row was measured
 
     def accuracy(self) -> str:
         return f"{statistics.mean(self.accuracies):.4f} ± {spread(self.accuracies):.4f}"
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", choices=["main", "study"], default=["main", "study"],
                         help="measure these; the other part's rows come from the last results.json")
+    parser.add_argument("--rows", nargs="+", choices=[key for key, *_ in MAIN_ROWS], metavar="ROW",
+                        help="with main: measure only these rows (tutorial, supervised, reference, tuned, cnn)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -120,15 +123,20 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
 
     if "main" in args.parts:
+        kept = results.get("main", {}).get("rows", {}) if args.rows else {}
         rows = {}
         for key, label, config_path, overrides in MAIN_ROWS:
+            if key in kept and key not in args.rows:
+                rows[key] = kept[key]
+                continue
             overrides = [f"name=results-{key}", *overrides]
-            row = rows[key] = Row(label, command(config_path, overrides))
+            row = Row(label, command(config_path, overrides), made=made)
             for seed in args.seeds:
                 accuracy, seconds = pipeline(config_path, overrides, seed, timed=True)
                 row.accuracies.append(accuracy)
                 row.seconds.append(seconds)
-        results["main"] = {"made": made, "rows": {key: asdict(row) for key, row in rows.items()}}
+            rows[key] = asdict(row)
+        results["main"] = {"made": made, "rows": rows}
 
     if "study" in args.parts:
         rows = []
@@ -207,8 +215,8 @@ def report(results: dict) -> str:
             "",
             "| | test accuracy | flow run (s) | command (add `--set seed=N`) |",
             "|---|---:|---:|---|",
-            *(f"| {row.label} | {row.accuracy()} | {statistics.mean(row.seconds):.1f} | `{row.command}` |"
-              for row in rows.values()),
+            *(f"| {row.label}{measured_apart(row, results['main']['made'])} | {row.accuracy()} | "
+              f"{statistics.mean(row.seconds):.1f} | `{row.command}` |" for row in rows.values()),
             *(f"| {label} | {value} | | |" for label, value in PUBLISHED),
             "",
             f"The tuned MLP config's flow run takes 1/{reference / tuned:.1f} of the reference settings' "
@@ -242,6 +250,13 @@ def report(results: dict) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def measured_apart(row: Row, made: dict) -> str:
+    """A note on a row measured by another invocation than the table's (`--rows`)."""
+    if row.made is None or row.made["command"] == made["command"]:
+        return ""
+    return f" (measured by `{row.made['command']}` on {row.made['date']})"
 
 
 def describe(made: dict) -> str:
