@@ -178,7 +178,8 @@ def logistic_regression(base: PipelineConfig, fraction: float) -> Row:
 
     data = base.data.model_copy(update={"label_fraction": fraction})
     splits = load_splits(prepare(data), "cpu")
-    images, labels = splits.train_x[splits.labeled].flatten(1).numpy(), splits.train_y[splits.labeled].numpy()
+    images, labels = splits.labeled_train()
+    images, labels = images.flatten(1).numpy(), labels.numpy()
     model = LogisticRegression(max_iter=300).fit(images, labels)
     accuracy = float((model.predict(splits.test_x.flatten(1).numpy()) == splits.test_y.numpy()).mean())
     print(f"  logistic regression at label fraction {fraction}: test/acc {accuracy:.4f}", flush=True)

@@ -112,6 +112,9 @@ class PretrainConfig(TrainConfig):
 
 class SupervisedConfig(TrainConfig):
     class_weighted: bool = Field(False, description="Weight cross-entropy by inverse class frequency.")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="Cross-entropy against targets mixed with this share of the uniform distribution."
+    )
 
 
 class HeadConfig(SupervisedConfig):

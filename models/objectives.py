@@ -54,14 +54,16 @@ def nt_xent(projections: torch.Tensor, temperature: float) -> torch.Tensor:
     return F.cross_entropy(similarity, partner)
 
 
-def classification_loss(class_weights: torch.Tensor | None = None, augment: AugmentConfig | None = None) -> LossFn:
-    """Stages 2 and 3: cross-entropy of the model's logits, optionally class-weighted, on optionally
-    augmented images (the training batches only: validation does not go through the loss)."""
+def classification_loss(
+    class_weights: torch.Tensor | None = None, augment: AugmentConfig | None = None, label_smoothing: float = 0.0
+) -> LossFn:
+    """Stages 2 and 3: cross-entropy of the model's logits, optionally class-weighted and label-smoothed, on
+    optionally augmented images (the training batches only: validation does not go through the loss)."""
 
     def loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if augment is not None and augment.enabled:
             inputs = augment_batch(inputs, augment)
-        return F.cross_entropy(model(inputs), targets, weight=class_weights)
+        return F.cross_entropy(model(inputs), targets, weight=class_weights, label_smoothing=label_smoothing)
 
     return loss
 

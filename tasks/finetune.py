@@ -20,10 +20,10 @@ def finetune(config: FinetuneConfig, data: DataBundle, head: Checkpoint, run: Ru
         model.decoder.requires_grad_(False)  # not part of the classifier; kept only so checkpoints match
         groups = param_groups(model, config.encoder_lr_ratio)
         phase.log_parameter_counts(model, groups)
-        images, labels = splits.train_x[splits.labeled], splits.train_y[splits.labeled]
+        images, labels = splits.labeled_train()
         weights = inverse_frequency_weights(labels, data.num_classes) if config.class_weighted else None
         validate = classification_validator(splits.val_x, splits.val_y)
-        result = phase.fit(model, groups, classification_loss(weights, config.augment), (images, labels), validate, config)
+        result = phase.fit(model, groups, classification_loss(weights, config.augment, config.label_smoothing), (images, labels), validate, config)
         headline = {"finetune/best_val_acc": best_val_acc(result, validate, model)}
         return phase.finish(model, result, head.model, data.input_shape, headline)
 

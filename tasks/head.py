@@ -21,7 +21,7 @@ def train_head(config: HeadConfig, data: DataBundle, pretrained: Checkpoint, run
         freeze(model.encoder)  # no gradients; train_mode keeps it in eval(), so BatchNorm stats stay too
         head_only = [{"params": list(model.head.parameters())}]
         phase.log_parameter_counts(model, head_only)
-        images, labels = splits.train_x[splits.labeled], splits.train_y[splits.labeled]
+        images, labels = splits.labeled_train()
         weights = inverse_frequency_weights(labels, data.num_classes) if config.class_weighted else None
         if config.cache_features:  # the encoder never changes in this phase: run it once, not every epoch
             trained = model.head
@@ -29,6 +29,6 @@ def train_head(config: HeadConfig, data: DataBundle, pretrained: Checkpoint, run
         else:
             trained, inputs, val_inputs = model, images, splits.val_x
         validate = classification_validator(val_inputs, splits.val_y)
-        result = phase.fit(trained, head_only, classification_loss(weights), (inputs, labels), validate, config)
+        result = phase.fit(trained, head_only, classification_loss(weights, label_smoothing=config.label_smoothing), (inputs, labels), validate, config)
         headline = {"head/best_val_acc": best_val_acc(result, validate, trained)}
         return phase.finish(model, result, pretrained.model, data.input_shape, headline)

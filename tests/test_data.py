@@ -41,6 +41,14 @@ def test_label_fraction_keeps_a_stratified_subset_and_pretraining_keeps_every_im
     assert len(splits.train_x) == bundle.sizes["train"]
     counts = torch.bincount(splits.train_y[splits.labeled], minlength=10)
     assert counts.min() >= 10 and counts.max() <= 15
+    images, labels = splits.labeled_train()
+    assert torch.equal(images, splits.train_x[splits.labeled]) and torch.equal(labels, splits.train_y[splits.labeled])
+
+
+def test_with_every_label_the_labeled_training_set_is_the_training_tensors_themselves(tmp_path):
+    splits = load_splits(prepare(DataConfig(dataset="digits", root=tmp_path)), "cpu")
+    images, labels = splits.labeled_train()
+    assert images is splits.train_x and labels is splits.train_y  # no 54,000-image copy per phase
 
 
 def test_stratified_subset_takes_at_least_one_of_each_class():

@@ -332,3 +332,16 @@ def test_finetune_augmentation_perturbs_training_batches_only():
     plain, augmented = classification_loss(), classification_loss(augment=AugmentConfig(translate_fraction=0.2, hflip=True))
     assert augmented(model, images, labels).item() != pytest.approx(plain(model, images, labels).item(), abs=1e-4)
     assert classification_loss(augment=AugmentConfig())(model, images, labels).item() == plain(model, images, labels).item()
+
+
+def test_label_smoothing_trains_against_targets_mixed_with_the_uniform_distribution():
+    torch.manual_seed(0)
+    images, labels = blobs(64)
+    model = build_model(ModelConfig(encoder_widths=[32, 16]), (1, 8, 8), 4).eval()
+    log_probs = torch.log_softmax(model(images), dim=1)
+    smoothed = torch.full_like(log_probs, 0.2 / 4).scatter_(1, labels[:, None], 1 - 0.2 + 0.2 / 4)
+    expected = -(smoothed * log_probs).sum(dim=1).mean()
+    assert classification_loss(label_smoothing=0.2)(model, images, labels).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert classification_loss(label_smoothing=0.2)(model, images, labels).item() != pytest.approx(
+        classification_loss()(model, images, labels).item(), rel=1e-3
+    )
