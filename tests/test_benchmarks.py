@@ -34,7 +34,7 @@ def test_overhead_benchmark_splits_a_flow_run_into_compute_ours_and_prefect(pref
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}  # the session's test server
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "overhead.py"),
-         "--set", "pretrain.epochs=2", "--set", "head.epochs=2", "--set", "finetune.epochs=2"],
+         "--set", "pretrain.epochs=2", "--set", "head.epochs=2", "--set", "finetune.epochs=2", "--later", "2"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -68,7 +68,8 @@ def test_results_benchmark_writes_the_tables_and_the_low_label_plot(prefect_serv
     study = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
     for method in ("two-stage, denoising", "probe only, contrastive", "from scratch", "logistic regression on pixels"):
         assert re.search(r"(\| [01]\.\d{4} ± 0\.0000 ){2}\|$", study[method]), study[method]
-    assert "label_fraction=0.1 --set pretrain.objective=denoising --set head.epochs=10 --set finetune.epochs=10`" in text
+    assert ("label_fraction=0.1 --set pretrain.objective=denoising --set pretrain.mask_fraction=0.5 "
+            "--set pretrain.epochs=5 --set head.epochs=10 --set finetune.epochs=10`") in text
     assert "--set head.epochs=10 --set finetune.epochs=0`" in text  # probe only: 10 times the head's epochs
     assert (tmp_path / "out" / "low_label.png").stat().st_size > 10_000
     saved = json.loads((tmp_path / "out" / "results.json").read_text())  # what `--parts` keeps between runs
