@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from configs.errors import ConfigError
@@ -114,6 +116,7 @@ def serve_pipeline(config_path: str, overrides: list[str], cron: str, name: str 
 
     from flows.two_stage import two_stage
 
+    _stop_on_ctrl_c(grace_s=30)
     try:
         two_stage.serve(
             name=name or config.name,
@@ -125,6 +128,28 @@ def serve_pipeline(config_path: str, overrides: list[str], cron: str, name: str 
     except KeyboardInterrupt:
         print("twostage serve: stopped", file=sys.stderr)
     return 0
+
+
+def _stop_on_ctrl_c(grace_s: float) -> None:
+    """Make one Ctrl-C stop `serve` within `grace_s` seconds.
+
+    asyncio turns a first Ctrl-C into a cancellation of Prefect's runner, which Prefect 3.8's runner can
+    swallow and go on serving (seen on a loaded machine). Instead the first Ctrl-C raises KeyboardInterrupt
+    at once, Prefect pauses the schedule and shuts down, and a timer ends the process if that shutdown stalls.
+    Flow runs started by the runner are processes of their own: they get the same Ctrl-C from the terminal.
+    """
+
+    def force_exit() -> None:
+        print(f"twostage serve: Prefect's shutdown took over {grace_s:.0f} s; stopping now", file=sys.stderr, flush=True)
+        os._exit(0)
+
+    def interrupt(signum, frame):
+        timer = threading.Timer(grace_s, force_exit)
+        timer.daemon = True
+        timer.start()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
 
 
 def _mlflow_command() -> str:

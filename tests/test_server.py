@@ -114,7 +114,7 @@ def test_a_served_deployment_runs_on_the_server_tracked_in_mlflow_with_summary_a
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    env = {**client_env(tmp_path, prefect_api), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    env = {**client_env(tmp_path, prefect_api), "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PYTHONFAULTHANDLER": "1"}
     serve = subprocess.Popen(
         [str(BIN / "twostage"), "serve", "-c", str(QUICKSTART), "--cron", "0 3 * * *", "--name", "nightly", *FAST],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -141,7 +141,12 @@ def test_a_served_deployment_runs_on_the_server_tracked_in_mlflow_with_summary_a
             artifacts = flow_run_artifacts(flow_run.id)
     finally:
         os.killpg(serve.pid, signal.SIGINT)  # Ctrl-C
-        output, _ = serve.communicate(timeout=180)  # a loaded 2-core machine can take over a minute to shut down
+        try:
+            output, _ = serve.communicate(timeout=120)
+        except subprocess.TimeoutExpired:  # say where it hangs: faulthandler prints every thread's stack on SIGABRT
+            os.killpg(serve.pid, signal.SIGABRT)
+            output, _ = serve.communicate(timeout=60)
+            pytest.fail(f"twostage serve did not stop within 120 s of Ctrl-C; its output and threads:\n{output[-8000:]}")
     assert serve.returncode == 0, output[-3000:]
 
     tracking = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
