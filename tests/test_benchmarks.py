@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import os
 import re
 import subprocess
 import sys
 
+from configs.loader import load_config
 from conftest import REPO, tiny_mnist
 
 
@@ -74,3 +77,22 @@ def test_results_benchmark_writes_the_tables_and_the_low_label_plot(prefect_serv
     assert (tmp_path / "out" / "low_label.png").stat().st_size > 10_000
     saved = json.loads((tmp_path / "out" / "results.json").read_text())  # what `--parts` keeps between runs
     assert set(saved) == {"main", "study"} and saved["main"]["made"]["sizes"]["train"] == 180
+
+
+def test_low_label_study_trains_about_as_many_steps_at_every_share_of_the_labels():
+    spec = importlib.util.spec_from_file_location("results", REPO / "benchmarks" / "results.py")
+    results = importlib.util.module_from_spec(spec)
+    sys.modules["results"] = results  # dataclasses look their module up there
+    spec.loader.exec_module(results)
+    base = load_config(REPO / results.MLP, [])
+    train = 54_000
+
+    def finetune_steps(fraction: float) -> int:
+        head, finetune = results.study_budget(base, fraction)
+        config = load_config(REPO / results.MLP, [*head, *finetune])
+        assert config.head.batch_size == config.finetune.batch_size >= results.STUDY_MIN_BATCH
+        return config.finetune.epochs * math.ceil(round(train * fraction) / config.finetune.batch_size)
+
+    with_all_labels = finetune_steps(1.0)
+    for fraction in (0.1, 0.01):  # 3 steps an epoch at 1% and batch 256: the study once gave it 1/7 of the steps
+        assert 0.75 * with_all_labels <= finetune_steps(fraction) <= 1.25 * with_all_labels, fraction
