@@ -10,10 +10,9 @@ MLFLOW_TRACKING_URI says otherwise), one experiment per row, to browse or `twost
               tuned MLP config and the CNN config. Timed rows retrain every phase (`--rerun pretrain`);
               the time is the flow run's wall time, the process already warm (server up, imports done).
   low-label   at each label fraction: two-stage (pretrain, head, finetune) and probe only (finetune 0)
-              for each stage-1 objective (OBJECTIVES: its settings), from scratch (no stage 1
-              or 2, all at the finetune lr), and logistic regression on pixels. The supervised phases get min(1/fraction, 10) times the
-              config's epochs and, below 10% of the labels, a batch shrunk in proportion (no smaller than
-              STUDY_MIN_BATCH), the same for every method: about as many steps as with all labels.
+              for each stage-1 objective (its settings: OBJECTIVES), from scratch (no stage 1 or 2, all
+              at the finetune lr), and logistic regression on pixels. The supervised phases get
+              study_budget(): about as many optimizer steps as with all labels, the same for every method.
 
 `--parts main` or `--parts study` measures one part and keeps the other's rows from results.json.
 
@@ -173,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
 def study_budget(base: PipelineConfig, fraction: float) -> tuple[list[str], list[str]]:
     """Overrides of head and finetune for a share of the labels: about as many optimizer steps as with all of them.
 
-    min(1/fraction, 10) times the epochs; below 10% of the labels the batch shrinks by as much, down to
-    STUDY_MIN_BATCH (at 1% and batch 256: 32 images, 17 steps an epoch instead of 3).
+    min(1/fraction, 10) times the epochs; below 10% of the labels also a batch shrunk in proportion, no smaller
+    than STUDY_MIN_BATCH (at 1% and batch 256: 32 images, 17 steps an epoch instead of 3).
     """
     scale = min(round(1 / fraction), 10)
     phases = []
@@ -259,8 +258,8 @@ def report(results: dict) -> str:
             describe(results["study"]["made"]) + " The tuned MLP config's architecture and budget; with a share "
             "of labels below 1, head and finetune get min(1/share, 10) times its epochs and, below 10%, a batch "
             f"shrunk in proportion (no smaller than {STUDY_MIN_BATCH}): about as many optimizer steps as with all "
-            "labels, the same for every method. The labeled subset is the same for every seed (`data.split_seed` 0). Pretraining runs "
-            "on every training image without its label, with the settings in the commands below (autoencoder and "
+            "labels, the same for every method. The labeled subset is the same for every seed "
+            "(`data.split_seed` 0). Pretraining runs on every training image without its label, with the settings in the commands below (autoencoder and "
             "denoising 5 epochs: 15 did no better; contrastive 60: it kept gaining), once per objective and seed: "
             "the pipeline reuses it at every share.",
             "",

@@ -23,7 +23,8 @@ def finetune(config: FinetuneConfig, data: DataBundle, head: Checkpoint, run: Ru
         images, labels = splits.labeled_train()
         weights = inverse_frequency_weights(labels, data.num_classes) if config.class_weighted else None
         validate = classification_validator(splits.val_x, splits.val_y)
-        result = phase.fit(model, groups, classification_loss(weights, config.augment, config.label_smoothing), (images, labels), validate, config)
+        loss = classification_loss(weights, config.augment, config.label_smoothing)
+        result = phase.fit(model, groups, loss, (images, labels), validate, config)
         headline = {"finetune/best_val_acc": best_val_acc(result, validate, model)}
         return phase.finish(model, result, head.model, data.input_shape, headline)
 

@@ -29,6 +29,7 @@ def train_head(config: HeadConfig, data: DataBundle, pretrained: Checkpoint, run
         else:
             trained, inputs, val_inputs = model, images, splits.val_x
         validate = classification_validator(val_inputs, splits.val_y)
-        result = phase.fit(trained, head_only, classification_loss(weights, label_smoothing=config.label_smoothing), (inputs, labels), validate, config)
+        loss = classification_loss(weights, label_smoothing=config.label_smoothing)
+        result = phase.fit(trained, head_only, loss, (inputs, labels), validate, config)
         headline = {"head/best_val_acc": best_val_acc(result, validate, trained)}
         return phase.finish(model, result, pretrained.model, data.input_shape, headline)
