@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # Offline-friendly Prefect: its server would otherwise log a failed telemetry call on every run.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # A first run migrates a new Prefect database before the ephemeral server answers: 6-15 s here, and
+    # over Prefect's default 20 s limit on a loaded 2-core machine (CI failed so), which ended the run.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     try:
         if args.command == "serve":
             return serve_pipeline(args.config, args.overrides, args.cron, args.name)

@@ -22,7 +22,7 @@ def prefect_server():
     """Prefect's test harness (a temporary server and database), started once: it costs ~10 s."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=120):  # Prefect's 30 s is tight on a loaded 2-core CI
         yield
 
 
