@@ -4,8 +4,8 @@ One process does what `twostage run` does, timing each part: Python imports, the
 ephemeral server, then flow runs, each in a fresh folder (its own MLflow store and outputs, every phase
 trained): the first pays the libraries' lazy imports, as a `twostage run` does; the later ones (--later,
 default 3; the one with the median overhead is shown) are what each further run of a long-lived process
-(`twostage serve`) costs. Prefect ends a flow run on its heartbeat thread's next whole second, so a flow
-run's wall time varies by up to a second between runs. A flow run's wall time is split into
+(`twostage serve`) costs. Flow runs get `twostage run`'s Prefect settings (`local_run_settings`: no
+heartbeats on the ephemeral server). A flow run's wall time is split into
   - compute: the training phases' epochs (forward, backward, optimizer steps, validation);
   - Prefect: what a flow run of five empty tasks costs, measured just before it in this process;
   - ours: the rest: data preparation and, in each phase, everything around its epochs (MLflow runs and
@@ -38,7 +38,7 @@ from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings  # noqa: E402
 
 from configs.loader import load_config  # noqa: E402
-from flows.two_stage import two_stage  # noqa: E402
+from flows.two_stage import local_run_settings, two_stage  # noqa: E402
 
 TRAINING = ("pretrain", "head", "finetune")
 OUR_LIMIT_S = 2.0  # issue 6: our own overhead per pipeline run on quickstart
@@ -94,7 +94,7 @@ def measure_flow_run(config) -> dict:
         started = time.perf_counter()
         MlflowClient(uri).search_experiments()  # creates the store's tables
         store_s = time.perf_counter() - started
-        with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: Path(folder) / "results"}):
+        with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: Path(folder) / "results"}), local_run_settings():
             prefect_s = prefect_cost()
             started = time.perf_counter()
             report = two_stage(config)

@@ -77,11 +77,11 @@ def run_pipeline(config_path: str, overrides: list[str], rerun: str | None = Non
 
     resolve_device(config.device)  # fail before any run is opened if the device is missing
 
-    from flows.two_stage import two_stage  # imports Prefect, MLflow and torch: only once the config is valid
+    from flows.two_stage import run_here  # imports Prefect, MLflow and torch: only once the config is valid
     from tasks.tracking import run_url, tracking_uri
 
     _hide_tracebacks_of_config_errors()
-    report = two_stage(config, rerun=rerun)
+    report = run_here(config, rerun=rerun)
     metrics = "  ".join(f"{name} {value:.4f}" for name, value in report.metrics.items())
     uri = tracking_uri()
     print(f"\nModel registry: {report.promotion}")

@@ -6,7 +6,11 @@ runs only the rest. Data preparation and evaluation are cheap and always run: th
 notices fresh data.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from prefect import flow, get_run_logger, runtime
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
 
 from configs.errors import ConfigError
 from configs.schema import PHASES, Phase, PipelineConfig
@@ -70,3 +74,22 @@ def two_stage(config: PipelineConfig, rerun: Phase | None = None) -> EvalReport:
         report = with_retries(evaluate, config.evaluate)(config.evaluate, data, finetuned, run)
         publish_summary(run, data, [pretrained, head, finetuned], report)
     return report
+
+
+def run_here(config: PipelineConfig, rerun: Phase | None = None) -> EvalReport:
+    """Run the flow in this process, as `twostage run` and the benchmarks do."""
+    with local_run_settings():
+        return two_stage(config, rerun=rerun)
+
+
+@contextmanager
+def local_run_settings() -> Iterator[None]:
+    """Prefect settings for flow runs started from this process.
+
+    Without PREFECT_API_URL a flow run reports to Prefect's ephemeral server, which lives and dies with this
+    process: no one is left to notice a crash, so the run sends no heartbeats. Their thread would also end it
+    late: Prefect 3.8 joins it at its next whole second, 0.5 s on average.
+    """
+    ephemeral = not get_current_settings().api.url
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None} if ephemeral else {}):
+        yield
