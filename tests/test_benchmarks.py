@@ -72,8 +72,9 @@ def test_results_benchmark_writes_the_tables_and_the_low_label_plot(prefect_serv
     for method in ("two-stage, denoising", "probe only, contrastive", "from scratch", "logistic regression on pixels"):
         assert re.search(r"(\| [01]\.\d{4} ± 0\.0000 ){2}\|$", study[method]), study[method]
     assert ("label_fraction=0.1 --set pretrain.objective=denoising --set pretrain.mask_fraction=0.5 "
-            "--set pretrain.epochs=5 --set head.epochs=10 --set finetune.epochs=10`") in text
-    assert "--set head.epochs=10 --set finetune.epochs=0`" in text  # probe only: 10 times the head's epochs
+            "--set pretrain.epochs=5 --set head.epochs=10 --set head.batch_size=256 --set finetune.epochs=10 "
+            "--set finetune.batch_size=256 --set finetune.optimizer.lr=0.002`") in text
+    assert "--set head.epochs=10 --set head.batch_size=256 --set finetune.epochs=0`" in text  # probe only: 10x the head's epochs
     assert (tmp_path / "out" / "low_label.png").stat().st_size > 10_000
     saved = json.loads((tmp_path / "out" / "results.json").read_text())  # what `--parts` keeps between runs
     assert set(saved) == {"main", "study"} and saved["main"]["made"]["sizes"]["train"] == 180
@@ -84,7 +85,7 @@ def test_low_label_study_trains_about_as_many_steps_at_every_share_of_the_labels
     results = importlib.util.module_from_spec(spec)
     sys.modules["results"] = results  # dataclasses look their module up there
     spec.loader.exec_module(results)
-    base = load_config(REPO / results.MLP, [])
+    base = load_config(REPO / results.MLP, results.STUDY_BASE)
     train = 54_000
 
     def finetune_steps(fraction: float) -> int:
