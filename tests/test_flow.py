@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from configs.loader import load_config, validate_config
 from configs.schema import PretrainConfig
 from conftest import REPO, isolated_workdir, tiny_config
-from flows.two_stage import two_stage, with_retries
+from flows.two_stage import local_run_settings, two_stage, with_retries
 from tasks.data import DataNotFoundError
 from tasks.pretrain import pretrain
 
@@ -125,6 +125,16 @@ def test_the_logged_model_predicts_through_pyfunc(quickstart_run):
 def test_task_retries_come_from_the_phase_config():
     configured = with_retries(pretrain, PretrainConfig(retries=4, retry_delay_s=2.5))
     assert configured.retries == 4 and configured.retry_delay_seconds == 2.5
+
+
+def test_flow_runs_send_heartbeats_only_to_a_server_that_outlives_the_process():
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    default = get_current_settings().flows.heartbeat_frequency
+    with temporary_settings(restore_defaults={PREFECT_API_URL}), local_run_settings():  # the ephemeral server
+        assert get_current_settings().flows.heartbeat_frequency is None
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:4200/api"}), local_run_settings():
+        assert get_current_settings().flows.heartbeat_frequency == default is not None
 
 
 def test_missing_data_fails_without_retries_and_marks_the_runs_failed(prefect_server, workdir):
