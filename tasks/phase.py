@@ -7,6 +7,7 @@ it resumes after the last completed epoch in the same MLflow child run.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
 import time
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 from prefect import get_run_logger
-from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
+from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.context import TaskRunContext
 
 from configs.errors import ConfigError
@@ -39,8 +40,26 @@ from tasks.results import Checkpoint, DataBundle, RunContext
 PHASE_SEEDS = {"pretrain": 1, "head": 2, "finetune": 3}
 
 
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def code_fingerprint(root: Path = SOURCE_ROOT) -> str:
+    """sha256 of every module of `models/` and `tasks/` under `root`: the code that trains, loads data and
+    checkpoints."""
+    digest = hashlib.sha256()
+    for path in sorted([*(root / "models").glob("*.py"), *(root / "tasks").glob("*.py")]):
+        digest.update(f"{path.parent.name}/{path.name}".encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+CODE_FINGERPRINT = code_fingerprint()
+
+
 def input_key(task_name: str, parameters: dict[str, Any]) -> str:
-    """What a phase's result depends on: its configs, upstream fingerprints, the seed and `amp`.
+    """What a phase's result depends on: its configs, upstream fingerprints, the seed, `amp` and the code.
+
+    The code is CODE_FINGERPRINT, not only the task function's source (Prefect's TASK_SOURCE): a change to the
+    training loop, the networks or the objectives must not reuse results the old code made.
 
     Not the run ids, paths or the flow run: the same inputs give the same key in any later flow run.
     Pretraining never sees a label, so which labels the later phases use (`data.label_fraction`) is
@@ -56,13 +75,11 @@ def input_key(task_name: str, parameters: dict[str, Any]) -> str:
             return value.sha256
         return value
 
-    return fingerprint(*(identity(value) for _, value in sorted(parameters.items())))
+    return fingerprint(task_name, CODE_FINGERPRINT, *(identity(value) for _, value in sorted(parameters.items())))
 
 
-# Prefect reuses a phase's persisted result when its inputs and its task's source are unchanged.
-PHASE_CACHE = TASK_SOURCE + CacheKeyFnPolicy(
-    cache_key_fn=lambda context, parameters: input_key(context.task.name, parameters)
-)
+# Prefect reuses a phase's persisted result when its inputs and our code are unchanged.
+PHASE_CACHE = CacheKeyFnPolicy(cache_key_fn=lambda context, parameters: input_key(context.task.name, parameters))
 
 
 class TrainingDivergedError(ConfigError):

@@ -48,6 +48,37 @@ def test_changing_a_phase_config_reruns_it_and_what_follows_but_nothing_before(p
     assert sorted(children(client, changed.pipeline_run_id)) == ["data", "evaluate", "finetune", "head"]
 
 
+def test_changed_training_code_reruns_every_phase_instead_of_reusing_what_the_old_code_made(
+    prefect_server, workdir, monkeypatch
+):
+    import tasks.phase
+
+    config = validate_config(tiny_config())
+    two_stage(config)
+    monkeypatch.setattr(tasks.phase, "CODE_FINGERPRINT", tasks.phase.CODE_FINGERPRINT[::-1])  # as after an edit
+    changed = two_stage(config)
+    assert sorted(children(MlflowClient(), changed.pipeline_run_id)) == ["data", "evaluate", "finetune", "head", "pretrain"]
+
+
+def test_the_code_fingerprint_changes_with_any_module_of_models_or_tasks(tmp_path):
+    import shutil
+
+    from conftest import REPO
+    from tasks.phase import CODE_FINGERPRINT, code_fingerprint
+
+    for package in ("models", "tasks"):
+        shutil.copytree(REPO / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    assert code_fingerprint(tmp_path) == code_fingerprint() == CODE_FINGERPRINT
+    (tmp_path / "notes.md").write_text("not code")
+    assert code_fingerprint(tmp_path) == CODE_FINGERPRINT
+    for module in ("models/training.py", "models/objectives.py", "tasks/finetune.py"):
+        edited = tmp_path / module
+        original = edited.read_text()
+        edited.write_text(original + "\n# an edit\n")
+        assert code_fingerprint(tmp_path) != CODE_FINGERPRINT, module
+        edited.write_text(original)
+
+
 def test_rerun_forces_that_phase_and_those_after_it(prefect_server, workdir):
     config = validate_config(tiny_config())
     two_stage(config)
