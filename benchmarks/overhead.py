@@ -29,7 +29,9 @@ from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+from flows.prefect_defaults import set_prefect_defaults  # noqa: E402
+
+set_prefect_defaults()
 
 import torch._dynamo  # noqa: E402, F401 - torch imports it when the first optimizer is made (~1 s)
 from mlflow.tracking import MlflowClient  # noqa: E402

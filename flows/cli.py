@@ -17,6 +17,7 @@ from pathlib import Path
 from configs.errors import ConfigError
 from configs.loader import load_config
 from configs.schema import PHASES
+from flows.prefect_defaults import set_prefect_defaults
 
 DEFAULT_CONFIG = "configs/quickstart.yaml"
 
@@ -48,11 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--model", metavar="URI", help="any MLflow model URI (default: models:/NAME@champion)")
     predict.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config whose model NAME is the default")
     args = parser.parse_args(argv)
-    # Offline-friendly Prefect: its server would otherwise log a failed telemetry call on every run.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # A first run migrates a new Prefect database before the ephemeral server answers: 6-15 s here, and
-    # over Prefect's default 20 s limit on a loaded 2-core machine (CI failed so), which ended the run.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    set_prefect_defaults()
     try:
         if args.command == "serve":
             return serve_pipeline(args.config, args.overrides, args.cron, args.name)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import os
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry calls
+from flows.prefect_defaults import set_prefect_defaults
+
+set_prefect_defaults()  # before Prefect is imported: offline, patient with a new server
 
 REPO = Path(__file__).resolve().parents[1]
 
