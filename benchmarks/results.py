@@ -56,9 +56,9 @@ MAIN_ROWS = [  # key, what it is, config, overrides
     ("tuned", "tuned MLP (configs/fashion_mnist.yaml)", MLP, []),
     ("cnn", "CNN encoder (configs/fashion_mnist_cnn.yaml)", "configs/fashion_mnist_cnn.yaml", []),
 ]
-STUDY_BASE = [  # the low-label study's finetuning with all labels (1,477 steps), fixed here rather than taken from
-    "finetune.epochs=7", "finetune.batch_size=256", "finetune.optimizer.lr=0.002",  # the tuned config, whose
-]  # batch-512 finetuning is tuned for speed with all labels: the study's budget should not move with it
+# The low-label study's finetuning with all labels (1,477 steps). Fixed here, not taken from the tuned config,
+# whose batch-512 finetuning is tuned for speed with all labels: the study's budget should not move with it.
+STUDY_BASE = ["finetune.epochs=7", "finetune.batch_size=256", "finetune.optimizer.lr=0.002"]
 STUDY_MIN_BATCH = 32  # the low-label study's smallest batch: 16 did no better at 1% of the labels (seed 0)
 OBJECTIVES = {  # stage-1 settings of the low-label study, each as long as it keeps gaining at 1% of the labels (seed 0)
     "autoencoder": ["pretrain.objective=autoencoder", "pretrain.epochs=5"],
@@ -253,13 +253,15 @@ def report(results: dict) -> str:
         cells = {(row["label"], row["fraction"]): Row(**{k: v for k, v in row.items() if k != "fraction"})
                  for row in results["study"]["rows"]}
         fractions = sorted({fraction for _, fraction in cells})
+        study = load_config(REPO / MLP, STUDY_BASE)
         lines += [
             "## Few labels",
             "",
             "![low-label study](low_label.png)",
             "",
             describe(results["study"]["made"]) + " The tuned MLP config's architecture; with all labels, head and finetune "
-            "train 1 + 7 epochs at batch 256 (finetune lr 0.002: `STUDY_BASE` in the script). With a share "
+            f"train {study.head.epochs} + {study.finetune.epochs} epochs at batch {study.finetune.batch_size} (finetune "
+            f"lr {study.finetune.optimizer.lr:g}: `STUDY_BASE` in the script). With a share "
             "of labels below 1, head and finetune get min(1/share, 10) times the epochs and, below 10%, a batch "
             f"shrunk in proportion (no smaller than {STUDY_MIN_BATCH}): about as many optimizer steps as with all "
             "labels, the same for every method. The labeled subset is the same for every seed "

@@ -21,9 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def prefect_server():
     """Prefect's test harness (a temporary server and database), started once: it costs ~10 s."""
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):  # Prefect's 30 s is tight on a loaded 2-core CI
+    # The harness's own 30 s is tight on a loaded 2-core CI: wait as long as `twostage run` does.
+    with prefect_test_harness(server_startup_timeout=PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()):
         yield
 
 
