@@ -205,6 +205,11 @@ class PipelineConfig(StrictModel):
     amp: bool = Field(False, description="Train under bfloat16 autocast: faster on GPUs and on CPUs with bf16 units.")
     compile: bool = Field(False, description="torch.compile the training forward pass (pays off on long GPU runs).")
     output_dir: Path = Field(Path("outputs"), description="Phase checkpoints.")
+    checkpoint_every_s: NonNegativeFloat = Field(
+        1.0,
+        description="A training phase saves its epoch state, and sends the epochs' metrics to MLflow, at most this "
+        "often and after its last epoch; 0: after every epoch.",
+    )
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     pretrain: PretrainConfig = PretrainConfig()

@@ -1,8 +1,10 @@
 """What the three training phases share: the cache key, seeding, epoch states, progress, checkpoints.
 
-A training phase writes its whole training state after every epoch (atomically, keeping the previous one).
-Started again with the same inputs (a Prefect retry, or the same command after the process was killed),
-it resumes after the last completed epoch in the same MLflow child run.
+A training phase writes its whole training state after an epoch (atomically, keeping the previous one) once
+`checkpoint_every_s` has passed since the last, and after its last epoch; then it sends the metrics of the
+epochs since the last state to MLflow in one batch. Started again with the same inputs (a Prefect retry, or
+the same command after the process was killed), it resumes after the saved epoch in the same MLflow child
+run, and logs no epoch twice.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from time import monotonic
 from typing import Any
 
 import torch
@@ -99,6 +102,10 @@ class TrainingPhase:
         self.resume = resume
         self.parameter_counts: dict[str, float] = {}
         self.logger = get_run_logger()
+        self.saved_epoch = resume["epoch"] if resume else 0
+        self.saved_at = monotonic()
+        self.logged_through = 0  # epochs up to this one are in the child run already (from an earlier attempt)
+        self.unsent: list[tracking.EpochMetrics] = []
         seed = context.seed * 100 + PHASE_SEEDS[name]
         torch.manual_seed(seed)  # weights, noise, augmentation; a resumed fit restores the saved RNG states
         self.generator = torch.Generator().manual_seed(seed)
@@ -119,15 +126,23 @@ class TrainingPhase:
         validate: Validate,
         config: TrainConfig,
     ) -> FitResult:
-        """The shared loop, with an epoch state saved before each epoch's metrics are logged."""
+        """The shared loop. After an epoch, once `checkpoint_every_s` has passed since the last epoch state (and
+        after the last epoch), the phase saves the epoch state, then sends the metrics of the epochs since the
+        last one; when training stops with an error, it sends what it has."""
         if config.epochs == 0:
             self.logger.info("%s: epochs 0, so no training: the weights stay as they came in", self.name)
         if self.resume is not None:
-            self._log_epochs_saved_but_not_logged()
+            self.logged_through = self.child.last_step("train/loss")
+            for saved in self.resume["history"]:  # a crash after saving an epoch state, before sending its epochs
+                self._queue(EpochStats(**saved))
             self.logger.info("%s: resuming after epoch %d/%d", self.name, self.resume["epoch"], config.epochs)
 
         def save_state(state: dict) -> None:
-            self.states.save({**state, "run_id": self.child.run_id})
+            now = monotonic()
+            last = state["epoch"] == config.epochs or state["stopped_early"]
+            if last or now - self.saved_at >= self.context.checkpoint_every_s:
+                self.states.save({**state, "run_id": self.child.run_id})
+                self.saved_epoch, self.saved_at = state["epoch"], now
 
         try:
             return fit(
@@ -139,20 +154,30 @@ class TrainingPhase:
                 f"{self.name}: the training loss became non-finite in epoch {error.epoch}; "
                 f"lower {self.name}.optimizer.lr or set {self.name}.grad_clip_norm (e.g. 1.0)"
             ) from error
+        finally:
+            self._send()
 
     def _report(self, stats: EpochStats) -> None:
-        self.child.log_metrics({**stats.metrics(), "time/epoch_s": stats.seconds}, step=stats.epoch)
+        self._queue(stats)
         shown = " ".join(f"{name} {value:.4f}" for name, value in stats.metrics().items() if name != "lr")
         self.logger.info(
             "%s epoch %d/%d %s lr %.2e %.1fs", self.name, stats.epoch, stats.epochs, shown, stats.lr, stats.seconds
         )
 
-    def _log_epochs_saved_but_not_logged(self) -> None:
-        """A crash between saving an epoch's state and logging its metrics leaves gaps; fill them once."""
-        last_logged = self.child.last_step("train/loss")
-        for saved in self.resume["history"]:
-            if saved["epoch"] > last_logged:
-                self._report(EpochStats(**saved))
+    def _queue(self, stats: EpochStats) -> None:
+        """Queue the epoch's metrics, unless an earlier attempt logged them; once the epoch's state is saved,
+        send the queue."""
+        if stats.epoch > self.logged_through:
+            values = {**stats.metrics(), "time/epoch_s": stats.seconds}
+            self.unsent.append(tracking.EpochMetrics(stats.epoch, values, int(time.time() * 1000)))
+        if stats.epoch == self.saved_epoch:
+            self._send()
+
+    def _send(self) -> None:
+        if self.unsent:
+            self.child.log_epochs(self.unsent)
+            self.logged_through = self.unsent[-1].step
+            self.unsent = []
 
     def finish(
         self,

@@ -25,6 +25,7 @@ class RunContext(Value):
     amp: bool
     compile: bool
     output_dir: Path
+    checkpoint_every_s: float
 
 
 class DataBundle(Value):

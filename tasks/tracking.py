@@ -1,7 +1,8 @@
 """MLflow, and only here: one parent run per pipeline run, one child run per phase.
 
 Run ids are always passed explicitly through `MlflowClient` (MLflow's active run is thread-local, and
-Prefect may run tasks on other threads). Metrics go in one batch call per epoch.
+Prefect may run tasks on other threads). Metrics go in batch calls: a training phase sends the epochs since its
+last epoch state in one call (every epoch, when epochs are longer than `checkpoint_every_s`).
 """
 
 from __future__ import annotations
@@ -99,8 +100,16 @@ def pipeline_run(config: PipelineConfig, flow_run_id: str | None, device: str) -
             amp=config.amp,
             compile=config.compile,
             output_dir=config.output_dir.resolve(),  # absolute: reused results must not depend on the cwd
+            checkpoint_every_s=config.checkpoint_every_s,
         )
         client.log_metric(run_id, "time/total_s", time.perf_counter() - started)
+
+
+@dataclass
+class EpochMetrics:
+    step: int
+    values: dict[str, float]
+    timestamp_ms: int
 
 
 class PhaseRun:
@@ -115,11 +124,22 @@ class PhaseRun:
     def log_params(self, params: dict) -> None:
         _log_params(self.client, self.run_id, {key: str(value) for key, value in params.items()})
 
-    def log_metrics(self, metrics: dict[str, float], step: int = 0, on_parent: bool = False) -> None:
+    def log_metrics(self, metrics: dict[str, float], on_parent: bool = False) -> None:
+        """Metrics at step 0, on this run (and on the parent run)."""
         run_ids = [self.run_id, self.context.parent_run_id] if on_parent else [self.run_id]
         stamp = int(time.time() * 1000)
         for run_id in run_ids:
-            self.client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, step) for k, v in metrics.items()])
+            self.client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, 0) for k, v in metrics.items()])
+
+    def log_epochs(self, epochs: list[EpochMetrics]) -> None:
+        """Several epochs' metrics in one batch call, each at its epoch's step and time."""
+        metrics = [
+            Metric(name, float(value), epoch.timestamp_ms, epoch.step)
+            for epoch in epochs
+            for name, value in epoch.values.items()
+        ]
+        for start in range(0, len(metrics), 1000):  # MLflow accepts at most 1000 metrics per batch
+            self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)

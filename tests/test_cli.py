@@ -94,6 +94,7 @@ def test_a_run_killed_in_any_phase_resumes_when_the_same_command_runs_again(pref
 
     api_url = PREFECT_API_URL.value()  # the session's test server: saves each process starting its own
     overrides = [f"{phase}.{key}" for phase in ("pretrain", "head", "finetune") for key in ("epochs=20", "batch_size=16")]
+    overrides.append("checkpoint_every_s=0")  # an epoch state after every epoch: killed after epoch 3, resumed there
     with isolated_workdir(tmp_path / "reference"):
         reference = two_stage(load_config(QUICKSTART, overrides))
     workdir = tmp_path / "killed"

@@ -1,7 +1,9 @@
-"""A failed phase is retried alone; completed phases are reused; a crash loses at most the current epoch."""
+"""A failed phase is retried alone; completed phases are reused; a crash loses at most `checkpoint_every_s` of
+training (with 0, the current epoch)."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import pytest
@@ -10,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from configs.loader import validate_config
 from conftest import isolated_workdir, tiny_config
 from flows.two_stage import two_stage
+from tasks import phase as phase_module
 from tasks.phase import TrainingDivergedError, TrainingPhase
 
 
@@ -110,7 +113,7 @@ def test_a_reused_result_whose_checkpoint_is_gone_or_changed_is_recomputed(prefe
 def test_an_exception_in_a_phase_is_retried_by_prefect_and_resumes_from_its_epoch_checkpoint(
     prefect_server, tmp_path, monkeypatch
 ):
-    config = validate_config(tiny_config(head={"epochs": 4, "retries": 1}))
+    config = validate_config(tiny_config(checkpoint_every_s=0, head={"epochs": 4, "retries": 1}))
     with isolated_workdir(tmp_path / "reference"):
         reference = two_stage(config)
     report = TrainingPhase._report
@@ -131,6 +134,42 @@ def test_an_exception_in_a_phase_is_retried_by_prefect_and_resumes_from_its_epoc
     assert failures == [2]
     assert head.info.status == "FINISHED" and head.data.tags["twostage.resumed_from_epoch"] == "2"
     assert steps == [1, 2, 3, 4]  # one child run, each epoch logged once
+    assert result.metrics == pytest.approx(reference.metrics, abs=1e-6)
+
+
+def test_epoch_states_are_saved_once_checkpoint_every_s_has_passed_and_a_retry_logs_no_epoch_twice(
+    prefect_server, tmp_path, monkeypatch
+):
+    config = validate_config(tiny_config(checkpoint_every_s=1.0, head={"epochs": 5, "retries": 1}))
+    with isolated_workdir(tmp_path / "reference"):
+        reference = two_stage(config)
+    monkeypatch.setattr(phase_module, "monotonic", itertools.count(0.0, 0.4).__next__)  # each reading 0.4 s later
+    saved, failures = [], []
+    save, report = phase_module.EpochStates.save, TrainingPhase._report
+
+    def record_save(self, state):
+        if self.stem.name.startswith("head"):
+            saved.append(state["epoch"])
+        save(self, state)
+
+    def fail_once_after_epoch_4(self, stats):
+        report(self, stats)
+        if self.name == "head" and stats.epoch == 4 and not failures:
+            failures.append(stats.epoch)
+            raise RuntimeError("injected by the test")
+
+    monkeypatch.setattr(phase_module.EpochStates, "save", record_save)
+    monkeypatch.setattr(TrainingPhase, "_report", fail_once_after_epoch_4)
+    with isolated_workdir(tmp_path / "faulty"):
+        result = two_stage(config)
+        client = MlflowClient()
+        head = children(client, result.pipeline_run_id)["head"]
+        steps = [m.step for m in client.get_metric_history(head.info.run_id, "train/loss")]
+    # 1.2 s after the phase started, epoch 3 is saved; epoch 4 is not (0.4 s later) and fails; the retry
+    # resumes after epoch 3, runs epoch 4 again without logging it a second time, and saves its last epoch
+    assert saved == [3, 5]
+    assert head.info.status == "FINISHED" and head.data.tags["twostage.resumed_from_epoch"] == "3"
+    assert sorted(steps) == [1, 2, 3, 4, 5]
     assert result.metrics == pytest.approx(reference.metrics, abs=1e-6)
 
 
