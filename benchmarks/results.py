@@ -8,7 +8,8 @@ MLFLOW_TRACKING_URI says otherwise), one experiment per row, to browse or `twost
   main rows   the reference tutorial as written (stage 1 learns nothing: a random frozen encoder and a
               head), plain supervised training of its MLP, its settings with our real pretraining, the
               tuned MLP config and the CNN config. Timed rows retrain every phase (`--rerun pretrain`);
-              the time is the flow run's wall time, the process already warm (server up, imports done).
+              the time is the flow run's wall time, the process already warm (server up, imports done),
+              each run started SETTLE_S after the last, less Prefect's retry sleeps (prefect_retries.py).
   low-label   at each label fraction: two-stage (pretrain, head, finetune) and probe only (finetune 0)
               for each stage-1 objective (its settings: OBJECTIVES), from scratch (no stage 1 or 2, all
               at the finetune lr), and logistic regression on pixels. The supervised phases get
@@ -34,6 +35,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from prefect_retries import SETTLE_S, retry_sleeps  # noqa: E402 - beside this script
+
 from flows.prefect_defaults import set_prefect_defaults  # noqa: E402
 
 set_prefect_defaults()
@@ -111,12 +114,17 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.data import prepare
 
     def pipeline(config_path: str, overrides: list[str], seed: int, timed: bool) -> tuple[float, float]:
+        """(test accuracy, seconds): a timed run's wall time, less Prefect's client retry sleeps if any."""
         config = load_config(REPO / config_path, [*overrides, f"seed={seed}", *args.overrides])
-        started = time.perf_counter()
-        report = run_here(config, rerun="pretrain" if timed else None)
-        seconds = time.perf_counter() - started
+        if timed:
+            time.sleep(SETTLE_S)
+        with retry_sleeps() as sleeps:
+            started = time.perf_counter()
+            report = run_here(config, rerun="pretrain" if timed else None)
+            seconds = time.perf_counter() - started - sum(sleeps)
+        retried = f" (less {sum(sleeps):.1f} s of Prefect's retry sleeps)" if sleeps else ""
         print(f"  {command(config_path, overrides)} --set seed={seed}: test/acc {report.metrics['test/acc']:.4f}, "
-              f"{seconds:.1f} s", flush=True)
+              f"{seconds:.1f} s{retried}", flush=True)
         return report.metrics["test/acc"], seconds
 
     pipeline("configs/quickstart.yaml", ["name=results-warmup", "pretrain.epochs=1", "head.epochs=1",
@@ -246,7 +254,10 @@ def report(results: dict) -> str:
             f"The tuned MLP config's flow run takes 1/{reference / tuned:.1f} of the reference settings' "
             f"({tuned:.1f} s against {reference:.1f} s). A flow run is the whole pipeline (data, pretrain, head, "
             "finetune, evaluate, with tracking) in a warm process, every phase trained; `twostage run` adds Python "
-            "imports and Prefect's server start-up (`benchmarks/overhead.py` measures them).",
+            "imports and Prefect's server start-up (`benchmarks/overhead.py` measures them). Each timed run starts "
+            f"{SETTLE_S:.0f} s after the last one ended: a flow run created while Prefect's ephemeral server still "
+            "stores the last one's events can find its sqlite database busy, and Prefect's client then sleeps 2 s "
+            "before it retries (`benchmarks/prefect_retries.py`; such sleeps are not counted).",
             "",
         ]
     if "study" in results:

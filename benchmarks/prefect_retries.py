@@ -1,0 +1,53 @@
+"""Flow runs timed back to back on Prefect's ephemeral server, without its sqlite lock in the figures.
+
+Just after a flow run ends, the ephemeral server writes that run's events and task runs to its sqlite
+database. A flow run created meanwhile can find the database busy: the server answers HTTP 503, and Prefect's
+client sleeps about 2 s before it retries (PrefectHQ/prefect#18934 reports the same lock). A `twostage run`
+starts one flow run per process and never meets it; a benchmark that starts flow runs back to back would
+count these sleeps as the pipeline's. So the benchmarks wait SETTLE_S before each timed flow run, and count
+the retry sleeps that still happen (`retry_sleeps`), to show them as Prefect's.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+SETTLE_S = 2.0  # after the previous flow run: the server has stored its events by then
+_RETRY = re.compile(r"Another attempt will be made in ([0-9.]+)s")
+
+
+class _RetrySleeps(logging.Handler):
+    """Records the sleep of each retry Prefect's client logs (at DEBUG); passes everything it would have shown
+    before on to the `prefect` logger's handlers."""
+
+    def __init__(self, shown_from: int):
+        super().__init__(logging.DEBUG)
+        self.shown_from = shown_from
+        self.seconds: list[float] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        match = _RETRY.search(record.getMessage())
+        if match:
+            self.seconds.append(float(match.group(1)))
+        if record.levelno >= self.shown_from:
+            logging.getLogger("prefect").handle(record)
+
+
+@contextmanager
+def retry_sleeps() -> Iterator[list[float]]:
+    """A list that receives the seconds of every retry sleep Prefect's client takes inside the block."""
+    logger = logging.getLogger("prefect.client")
+    level, propagate = logger.level, logger.propagate
+    handler = _RetrySleeps(shown_from=logger.getEffectiveLevel())
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False  # its DEBUG records reach the console only through the handler, when shown before
+    try:
+        yield handler.seconds
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
