@@ -2,10 +2,10 @@
 
 Just after a flow run ends, the ephemeral server writes that run's events and task runs to its sqlite
 database. A flow run created meanwhile can find the database busy: the server answers HTTP 503, and Prefect's
-client sleeps about 2 s before it retries (PrefectHQ/prefect#18934 reports the same lock). A `twostage run`
-starts one flow run per process and never meets it; a benchmark that starts flow runs back to back would
-count these sleeps as the pipeline's. So the benchmarks wait SETTLE_S before each timed flow run, and count
-the retry sleeps that still happen (`retry_sleeps`), to show them as Prefect's.
+client sleeps about 2 s before it retries (PrefectHQ/prefect#18934 reports the same lock). A benchmark that
+starts flow runs back to back would count these sleeps as the pipeline's. So the benchmarks wait SETTLE_S
+before each timed flow run, and count the retry sleeps that still happen (`retry_sleeps`), to show them as
+Prefect's.
 """
 
 from __future__ import annotations
