@@ -173,6 +173,25 @@ def test_epoch_states_are_saved_once_checkpoint_every_s_has_passed_and_a_retry_l
     assert result.metrics == pytest.approx(reference.metrics, abs=1e-6)
 
 
+def test_a_phase_that_fails_between_epoch_states_still_sends_the_epochs_it_trained(prefect_server, workdir, monkeypatch):
+    config = validate_config(tiny_config(checkpoint_every_s=3600, head={"epochs": 4, "retries": 0}))  # no state yet
+    report = TrainingPhase._report
+
+    def fail_after_epoch_3(self, stats):
+        report(self, stats)
+        if self.name == "head" and stats.epoch == 3:
+            raise RuntimeError("injected by the test")
+
+    monkeypatch.setattr(TrainingPhase, "_report", fail_after_epoch_3)
+    with pytest.raises(RuntimeError, match="injected by the test"):
+        two_stage(config)
+    client = MlflowClient()
+    head = [run for run in client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+            if run.data.tags.get("twostage.phase") == "head"]
+    assert [run.info.status for run in head] == ["FAILED"]
+    assert [m.step for m in client.get_metric_history(head[0].info.run_id, "train/loss")] == [1, 2, 3]
+
+
 def test_a_diverging_loss_stops_the_phase_naming_epoch_and_settings_and_keeps_earlier_work(prefect_server, workdir):
     config = validate_config(tiny_config(finetune={"optimizer": {"lr": 1e12}, "retries": 2}))
     with pytest.raises(TrainingDivergedError) as caught:
