@@ -5,7 +5,7 @@ ephemeral server, then flow runs, each in a fresh folder (its own MLflow store a
 trained): the first pays the libraries' lazy imports, as a `twostage run` does; the later ones (--later,
 default 3; the one with the median overhead is shown) are what each further run of a long-lived process
 (`twostage serve`) costs. Flow runs get `twostage run`'s Prefect settings (`local_run_settings`: no
-heartbeats on the ephemeral server), and each starts SETTLE_S after the last one ended (prefect_retries.py).
+heartbeats on the ephemeral server), and each starts 2 s after the last one ended (prefect_retries.py).
 A flow run's wall time is split into
   - compute: the training phases' epochs (forward, backward, optimizer steps, validation);
   - Prefect: what a flow run of five empty tasks costs (the median of three, measured after the pipeline's
@@ -32,7 +32,7 @@ from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from prefect_retries import SETTLE_S, retry_sleeps  # noqa: E402 - beside this script
+from prefect_retries import time_flow_run  # noqa: E402 - beside this script
 
 from flows.prefect_defaults import set_prefect_defaults  # noqa: E402
 
@@ -107,17 +107,13 @@ def measure_flow_run(config) -> dict:
         MlflowClient(uri).search_experiments()  # creates the store's tables
         store_s = time.perf_counter() - started
         with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: Path(folder) / "results"}), local_run_settings():
-            time.sleep(SETTLE_S)
-            with retry_sleeps() as sleeps:
-                started = time.perf_counter()
-                report = two_stage(config)
-                flow_s = time.perf_counter() - started
+            report, flow_s, retries_s = time_flow_run(lambda: two_stage(config))
         parts = phase_times(MlflowClient(uri), report.pipeline_run_id)
         os.chdir(REPO)
     compute = {phase: parts[phase]["epochs_s"] for phase in TRAINING}
     ours = {phase: parts[phase]["total_s"] - parts[phase].get("epochs_s", 0.0) for phase in parts}
     ours["parent"] = flow_s - sum(parts[phase]["total_s"] for phase in parts)  # less Prefect's share, in main()
-    return {"store_s": store_s, "flow_s": flow_s, "compute": compute, "ours": ours, "retries_s": float(sum(sleeps)),
+    return {"store_s": store_s, "flow_s": flow_s, "compute": compute, "ours": ours, "retries_s": retries_s,
             "test/acc": report.metrics["test/acc"]}
 
 
@@ -135,11 +131,8 @@ def _five_empty_tasks() -> None:
 def prefect_cost() -> float:
     """Seconds of a flow run of five empty tasks: Prefect's own share of a five-phase flow run."""
     with local_run_settings():
-        time.sleep(SETTLE_S)
-        with retry_sleeps() as sleeps:
-            started = time.perf_counter()
-            _five_empty_tasks()
-            return time.perf_counter() - started - sum(sleeps)
+        _, seconds, retries_s = time_flow_run(_five_empty_tasks)
+        return seconds - retries_s
 
 
 def phase_times(client: MlflowClient, pipeline_run_id: str) -> dict[str, dict[str, float]]:

@@ -5,15 +5,19 @@ database. A flow run created meanwhile can find the database busy: the server an
 client sleeps about 2 s before it retries (PrefectHQ/prefect#18934 reports the same lock). A benchmark that
 starts flow runs back to back would count these sleeps as the pipeline's. So the benchmarks wait SETTLE_S
 before each timed flow run, and count the retry sleeps that still happen (`retry_sleeps`), to show them as
-Prefect's.
+Prefect's: `time_flow_run` does both.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
+
+T = TypeVar("T")
 
 SETTLE_S = 2.0  # after the previous flow run: the server has stored its events by then
 _RETRY = re.compile(r"Another attempt will be made in ([0-9.]+)s")
@@ -51,3 +55,16 @@ def retry_sleeps() -> Iterator[list[float]]:
         logger.removeHandler(handler)
         logger.setLevel(level)
         logger.propagate = propagate
+
+
+def time_flow_run(run: Callable[[], T], settle: bool = True) -> tuple[T, float, float]:
+    """Wait SETTLE_S (unless `settle` is false), then call `run`, which starts a flow run.
+
+    Returns its result, its wall seconds and the retry sleeps of Prefect's client within them.
+    """
+    if settle:
+        time.sleep(SETTLE_S)
+    with retry_sleeps() as sleeps:
+        started = time.perf_counter()
+        result = run()
+        return result, time.perf_counter() - started, float(sum(sleeps))

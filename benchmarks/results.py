@@ -29,13 +29,12 @@ import json
 import platform
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from prefect_retries import SETTLE_S, retry_sleeps  # noqa: E402 - beside this script
+from prefect_retries import SETTLE_S, time_flow_run  # noqa: E402 - beside this script
 
 from flows.prefect_defaults import set_prefect_defaults  # noqa: E402
 
@@ -116,13 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     def pipeline(config_path: str, overrides: list[str], seed: int, timed: bool) -> tuple[float, float]:
         """(test accuracy, seconds): a timed run's wall time, less Prefect's client retry sleeps if any."""
         config = load_config(REPO / config_path, [*overrides, f"seed={seed}", *args.overrides])
-        if timed:
-            time.sleep(SETTLE_S)
-        with retry_sleeps() as sleeps:
-            started = time.perf_counter()
-            report = run_here(config, rerun="pretrain" if timed else None)
-            seconds = time.perf_counter() - started - sum(sleeps)
-        retried = f" (less {sum(sleeps):.1f} s of Prefect's retry sleeps)" if sleeps else ""
+        report, seconds, retries_s = time_flow_run(lambda: run_here(config, rerun="pretrain" if timed else None),
+                                                   settle=timed)
+        seconds -= retries_s
+        retried = f" (less {retries_s:.1f} s of Prefect's retry sleeps)" if retries_s else ""
         print(f"  {command(config_path, overrides)} --set seed={seed}: test/acc {report.metrics['test/acc']:.4f}, "
               f"{seconds:.1f} s{retried}", flush=True)
         return report.metrics["test/acc"], seconds

@@ -23,6 +23,20 @@ def children(client: MlflowClient, parent_id: str) -> dict[str, object]:
     return {run.data.tags["twostage.phase"]: run for run in runs}
 
 
+def fail_once_in_head_after_epoch(monkeypatch, epoch: int) -> list[int]:
+    """Make the head phase raise once, right after reporting `epoch`; returns the epochs it failed after."""
+    report, failures = TrainingPhase._report, []
+
+    def fail_once(self, stats):
+        report(self, stats)
+        if self.name == "head" and stats.epoch == epoch and not failures:
+            failures.append(stats.epoch)
+            raise RuntimeError("injected by the test")
+
+    monkeypatch.setattr(TrainingPhase, "_report", fail_once)
+    return failures
+
+
 def test_running_the_same_config_again_reuses_every_training_phase(prefect_server, workdir, caplog):
     config = validate_config(tiny_config())
     first = two_stage(config)
@@ -116,16 +130,7 @@ def test_an_exception_in_a_phase_is_retried_by_prefect_and_resumes_from_its_epoc
     config = validate_config(tiny_config(checkpoint_every_s=0, head={"epochs": 4, "retries": 1}))
     with isolated_workdir(tmp_path / "reference"):
         reference = two_stage(config)
-    report = TrainingPhase._report
-    failures = []
-
-    def fail_once_after_epoch_2(self, stats):
-        report(self, stats)
-        if self.name == "head" and stats.epoch == 2 and not failures:
-            failures.append(stats.epoch)
-            raise RuntimeError("injected by the test")
-
-    monkeypatch.setattr(TrainingPhase, "_report", fail_once_after_epoch_2)
+    failures = fail_once_in_head_after_epoch(monkeypatch, 2)
     with isolated_workdir(tmp_path / "faulty"):
         result = two_stage(config)
         client = MlflowClient()
@@ -144,22 +149,15 @@ def test_epoch_states_are_saved_once_checkpoint_every_s_has_passed_and_a_retry_l
     with isolated_workdir(tmp_path / "reference"):
         reference = two_stage(config)
     monkeypatch.setattr(phase_module, "monotonic", itertools.count(0.0, 0.4).__next__)  # each reading 0.4 s later
-    saved, failures = [], []
-    save, report = phase_module.EpochStates.save, TrainingPhase._report
+    saved, save = [], phase_module.EpochStates.save
 
     def record_save(self, state):
         if self.stem.name.startswith("head"):
             saved.append(state["epoch"])
         save(self, state)
 
-    def fail_once_after_epoch_4(self, stats):
-        report(self, stats)
-        if self.name == "head" and stats.epoch == 4 and not failures:
-            failures.append(stats.epoch)
-            raise RuntimeError("injected by the test")
-
     monkeypatch.setattr(phase_module.EpochStates, "save", record_save)
-    monkeypatch.setattr(TrainingPhase, "_report", fail_once_after_epoch_4)
+    fail_once_in_head_after_epoch(monkeypatch, 4)
     with isolated_workdir(tmp_path / "faulty"):
         result = two_stage(config)
         client = MlflowClient()
@@ -175,14 +173,7 @@ def test_epoch_states_are_saved_once_checkpoint_every_s_has_passed_and_a_retry_l
 
 def test_a_phase_that_fails_between_epoch_states_still_sends_the_epochs_it_trained(prefect_server, workdir, monkeypatch):
     config = validate_config(tiny_config(checkpoint_every_s=3600, head={"epochs": 4, "retries": 0}))  # no state yet
-    report = TrainingPhase._report
-
-    def fail_after_epoch_3(self, stats):
-        report(self, stats)
-        if self.name == "head" and stats.epoch == 3:
-            raise RuntimeError("injected by the test")
-
-    monkeypatch.setattr(TrainingPhase, "_report", fail_after_epoch_3)
+    fail_once_in_head_after_epoch(monkeypatch, 3)
     with pytest.raises(RuntimeError, match="injected by the test"):
         two_stage(config)
     client = MlflowClient()
