@@ -76,7 +76,7 @@ def test_results_benchmark_writes_the_tables_and_the_low_label_plot(prefect_serv
     for method in ("two-stage, denoising", "probe only, contrastive", "from scratch", "logistic regression on pixels"):
         assert re.search(r"(\| [01]\.\d{4} ± 0\.0000 ){2}\|$", study[method]), study[method]
     assert ("label_fraction=0.1 --set 'model.encoder_widths=[2048,512]' --set pretrain.objective=denoising "
-            "--set pretrain.mask_fraction=0.5 --set pretrain.epochs=40 --set head.epochs=10 --set head.batch_size=256 --set finetune.epochs=10 "
+            "--set pretrain.mask_fraction=0.5 --set pretrain.epochs=60 --set head.epochs=10 --set head.batch_size=256 --set finetune.epochs=10 "
             "--set finetune.batch_size=256 --set finetune.optimizer.lr=0.002`") in text
     assert "--set head.epochs=10 --set head.batch_size=256 --set finetune.epochs=0`" in text  # probe only: 10x the head's epochs
     assert (tmp_path / "out" / "low_label.png").stat().st_size > 10_000
