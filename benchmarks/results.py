@@ -70,7 +70,7 @@ STUDY_MODEL = ["model.encoder_widths=[2048,512]"]
 STUDY_BASE = ["finetune.epochs=14", "finetune.batch_size=256", "finetune.optimizer.lr=0.002"]
 STUDY_MIN_BATCH = 32  # the low-label study's smallest batch: 16 did no better at 1% of the labels (seed 0)
 # Stage-1 settings of the low-label study. Epochs are capped by this 2-core machine's time, not set where
-# the gains stop (figures at 1% of the labels, seed 0): a wide-encoder epoch costs about 10 s of denoising.
+# the gains stop (figures at 1% of the labels, seed 0): a wide-encoder epoch costs about 8 s of denoising.
 OBJECTIVES = {
     "autoencoder": ["pretrain.objective=autoencoder", "pretrain.epochs=5"],
     "denoising": [  # masking 50% of the pixels: +0.8 points over noise alone, 70-75% no better; the wide encoder's
@@ -277,7 +277,7 @@ def report(results: dict) -> str:
             "![low-label study](low_label.png)",
             "",
             describe(results["study"]["made"]) + " The tuned MLP config with a wider encoder "
-            f"({study.model.encoder_widths} instead of [256, 128]: `STUDY_MODEL` in the script; stage 1 gains more from width "
+            f"({study.model.encoder_widths} instead of {load_config(REPO / MLP).model.encoder_widths}: `STUDY_MODEL` in the script; stage 1 gains more from width "
             "than training from scratch does); with all labels, head and finetune "
             f"train {study.head.epochs} + {study.finetune.epochs} epochs at batch {study.finetune.batch_size} (finetune "
             f"lr {study.finetune.optimizer.lr:g}: `STUDY_BASE` in the script). With a share "
