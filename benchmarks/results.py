@@ -69,13 +69,15 @@ STUDY_MODEL = ["model.encoder_widths=[2048,512]"]
 # pretraining of the wide encoder, and none from scratch (seed 0).
 STUDY_BASE = ["finetune.epochs=14", "finetune.batch_size=256", "finetune.optimizer.lr=0.002"]
 STUDY_MIN_BATCH = 32  # the low-label study's smallest batch: 16 did no better at 1% of the labels (seed 0)
-# Stage-1 settings of the low-label study. Epochs are capped by this 2-core machine's time, not set where
-# the gains stop (figures at 1% of the labels, seed 0): a wide-encoder epoch costs about 8 s of denoising.
+# Stage-1 settings of the low-label study (figures at 1% of the labels, seed 0 unless said). Denoising trains
+# until its gains stopped; the autoencoder and contrastive epochs are capped by this 2-core machine's time
+# (a wide-encoder epoch costs about 8 s of denoising).
 OBJECTIVES = {
     "autoencoder": ["pretrain.objective=autoencoder", "pretrain.epochs=5"],
     "denoising": [  # masking 50% of the pixels: +0.8 points over noise alone, 70-75% no better; the wide encoder's
-        # features gained 1.2 points as a linear probe from 20 to 60 epochs (0.781, 0.793); augmenting its input lost 0.7,
-        # a cosine lr schedule 0.6 (20 epochs). 100 epochs gained nothing: two-stage 0.8076 over 3 seeds, as after 60
+        # features gained 1.2 points as a linear probe from 20 to 60 epochs (0.781, 0.793), and 100 epochs gained
+        # nothing after finetuning (0.8076 over 3 seeds, as after 60); at 20 epochs, augmenting its input lost 0.7
+        # points of probe and a cosine lr schedule 0.6
         "pretrain.objective=denoising", "pretrain.mask_fraction=0.5", "pretrain.epochs=60",
     ],
     "contrastive": [  # [256, 128] after 5, 20, 60 epochs: 0.787, 0.794, 0.798 after finetuning; 10 here, for time
@@ -271,14 +273,15 @@ def report(results: dict) -> str:
         cells = {(row["label"], row["fraction"]): Row(**{k: v for k, v in row.items() if k != "fraction"})
                  for row in results["study"]["rows"]}
         fractions = sorted({fraction for _, fraction in cells})
-        study = load_config(REPO / MLP, [*STUDY_MODEL, *STUDY_BASE])
+        tuned, study = load_config(REPO / MLP), load_config(REPO / MLP, [*STUDY_MODEL, *STUDY_BASE])
         lines += [
             "## Few labels",
             "",
             "![low-label study](low_label.png)",
             "",
             describe(results["study"]["made"]) + " The tuned MLP config with a wider encoder "
-            f"({study.model.encoder_widths} instead of {load_config(REPO / MLP).model.encoder_widths}: `STUDY_MODEL` in the script; stage 1 gains more from width "
+            f"({study.model.encoder_widths} instead of {tuned.model.encoder_widths}: `STUDY_MODEL` in the script; "
+            "stage 1 gains more from width "
             "than training from scratch does); with all labels, head and finetune "
             f"train {study.head.epochs} + {study.finetune.epochs} epochs at batch {study.finetune.batch_size} (finetune "
             f"lr {study.finetune.optimizer.lr:g}: `STUDY_BASE` in the script). With a share "
