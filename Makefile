@@ -1,16 +1,26 @@
-# `make run`: create .venv, install, run the pipeline on the offline quickstart.
-# `make test`: create .venv, install, run the whole test suite (what CI runs).
+# `make run`: create .venv from the lock, run the pipeline on the offline quickstart.
+# `make test`: create .venv from the lock, run the whole test suite (what CI runs, with `make drift`).
+# `make test-fast`: the specification tests alone, under a minute.
+# `make lock`: refresh requirements.lock to the newest versions pyproject.toml's ranges allow.
+# `make drift`: install those newest versions in .venv-drift and run the tests that touch Prefect and MLflow.
 PYTHON ?= python3
 VENV := .venv
 INSTALLED := $(VENV)/.installed
+LOCK := requirements.lock
+PIP_TOOLS := pip-tools==7.6.2
 
-.PHONY: install run test clean
+.PHONY: install run test test-fast lock drift clean
 
 install: $(INSTALLED)
 
-$(INSTALLED): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+# The venv is made anew from the lock, so it holds exactly the locked versions (`pip freeze` equals the lock);
+# --require-hashes refuses any file whose sha256 the lock does not list.
+$(INSTALLED): $(LOCK) pyproject.toml
+	@echo "Installing the $$(grep -c '==' $(LOCK)) locked packages of $(LOCK) into $(VENV) (PyTorch alone is ~5 GB)"
+	$(PYTHON) -m venv --clear $(VENV)
+	$(VENV)/bin/python -m pip install --disable-pip-version-check --require-hashes --no-deps -r $(LOCK)
+	$(VENV)/bin/python -m pip install --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(VENV)/bin/python -m pip check
 	touch $(INSTALLED)
 
 run: $(INSTALLED)
@@ -19,5 +29,22 @@ run: $(INSTALLED)
 test: $(INSTALLED)
 	$(VENV)/bin/python -m pytest
 
+test-fast: $(INSTALLED)
+	$(VENV)/bin/python -m pytest -m "not engine and not cli and not server and not benchmark"
+
+lock:
+	$(PYTHON) -m venv --clear .venv-lock
+	.venv-lock/bin/python -m pip install --disable-pip-version-check --quiet $(PIP_TOOLS)
+	.venv-lock/bin/pip-compile --upgrade --generate-hashes --allow-unsafe --all-build-deps --extra test \
+		--strip-extras --no-emit-index-url --no-emit-find-links --output-file $(LOCK) pyproject.toml
+
+# Catches an upstream release that breaks us before a user meets it: a fresh venv with the newest releases the
+# ranges allow, what differs from the lock, then every test that runs Prefect or MLflow.
+drift:
+	$(PYTHON) -m venv --clear .venv-drift
+	.venv-drift/bin/python -m pip install --disable-pip-version-check --upgrade --upgrade-strategy eager -e ".[test]"
+	@.venv-drift/bin/python .ci/drift_report.py $(LOCK)
+	.venv-drift/bin/python -m pytest -m "engine or server"
+
 clean:
-	rm -rf $(VENV) outputs data/prepared mlflow.db mlartifacts
+	rm -rf $(VENV) .venv-lock .venv-drift outputs data/prepared mlflow.db mlruns mlartifacts

@@ -16,6 +16,7 @@ from configs.loader import load_config
 from conftest import REPO, isolated_workdir
 from flows.two_stage import two_stage
 
+pytestmark = pytest.mark.cli
 TWOSTAGE = Path(sys.executable).parent / "twostage"
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 

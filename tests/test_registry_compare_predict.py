@@ -101,6 +101,7 @@ def test_compare_lists_both_runs_with_seed_marks_the_champion_and_writes_the_fig
     assert table.splitlines()[-1].startswith("sorted by test/acc (higher is better)")
 
 
+@pytest.mark.cli
 def test_compare_with_no_runs_says_so_in_one_line_and_exits_0(tmp_path):
     result = subprocess.run(
         [str(Path(sys.executable).parent / "twostage"), "compare", "-e", "nothing-here"],
