@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import shlex
 import statistics
 import sys
@@ -322,12 +321,11 @@ def describe(made: dict) -> str:
 
 
 def machine(device: str) -> str:
-    if device == "cuda":
-        return f"GPU {torch.cuda.get_device_name()}"
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return f"CPU {names[0] if names else platform.processor()}, {torch.get_num_threads()} threads"
+    """The hardware, and what `amp: auto` (the tuned configs') chose on it."""
+    from models.device import cpu_summary, resolve_amp
+
+    hardware = f"GPU {torch.cuda.get_device_name()}" if device == "cuda" else cpu_summary()
+    return f"{hardware}, {torch.get_num_threads()} threads ({resolve_amp('auto', device).message})"
 
 
 if __name__ == "__main__":

@@ -1,23 +1,28 @@
 """Seconds per training epoch: the reference tutorial's loop against ours, and against the hardware bound.
 
 One process, one run, the same data (Fashion-MNIST when a local copy exists, else MNIST-shaped IDX files
-written here), the reference experiment's MLP (784-256-128 encoder, mirrored decoder, 128-64-10 head):
+written here), on the CPU it prints (model, the instruction sets that matter, torch's kernel level):
 
   (a) the tutorial's loop: torchvision dataset, DataLoader(batch_size=32, shuffle=True), per-sample
-      ToTensor() + Normalize((0.5,), (0.5,));
-  (b) our `fit` at batch 32: tensors in memory, batches by index; the head trains on features the
-      frozen encoder computed once (as our head phase does);
-  (c) our `fit` at --batch-size (default: configs/fashion_mnist.yaml's);
-  (d) the bound: the epoch's FLOPs (forward, and backward for trained layers) at the matmul rate
-      measured in this process.
+      ToTensor() + Normalize((0.5,), (0.5,)), the reference MLP (784-256-128 encoder, 128-64-10 head), float32;
+  (b) our `fit` with the same MLP at batch 32, float32: tensors in memory, batches by index; the head
+      trains on features the frozen encoder computed once (as our head phase does);
+  (c) our `fit` with CONFIG's settings (default configs/fashion_mnist.yaml): its network, each phase's batch
+      size and loss, and `amp` as `twostage run` resolves it on this machine (the line above the table);
+  (d) the bound for (c): its epoch's FLOPs (torch's FlopCounterMode on one batch, times the batches) at the
+      matmul rate measured here in (c)'s precision.
 
-Usage: python benchmarks/speed.py [--batch-size N] [--limit N] [--data DIR]
+To see a CPU without bfloat16 units on one that has them, limit torch's kernels to AVX2:
+ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/speed.py
+
+Usage: python benchmarks/speed.py [-c CONFIG] [--set KEY=VALUE ...] [--limit N] [--data DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import os
 import shutil
 import struct
 import sys
@@ -29,19 +34,23 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from configs.loader import load_config  # noqa: E402
-from configs.schema import AugmentConfig, ModelConfig, TrainConfig  # noqa: E402
-from models.networks import build_model  # noqa: E402
-from models.objectives import classification_loss, reconstruction_loss  # noqa: E402
-from models.training import encode, fit, freeze  # noqa: E402
+from configs.schema import ModelConfig, PipelineConfig, TrainConfig  # noqa: E402
+from models.device import cpu_summary, resolve_amp  # noqa: E402
+from models.networks import build_model, projection_head  # noqa: E402
+from models.objectives import classification_loss, contrastive_loss, reconstruction_loss  # noqa: E402
+from models.training import encode, fit  # noqa: E402
+from tasks.finetune import param_groups  # noqa: E402
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"]
 REFERENCE = ModelConfig(kind="mlp", encoder_widths=[256, 128], head_widths=[64], activation="relu")
+PHASES = ("pretrain", "head", "finetune")
 
 
 def prepare_root(data: Path | None, root: Path) -> str:
@@ -99,43 +108,83 @@ def tutorial_epochs(root: Path, limit: int) -> dict[str, float]:
     return seconds
 
 
-def our_epochs(root: Path, limit: int, batch_size: int) -> dict[str, float]:
-    """(b) and (c): our `fit`, one epoch per phase, on in-memory tensors normalised as (a)."""
-    from torchvision import datasets
+class Phase:
+    """One phase's epoch as our pipeline trains it: the trained module, its parameter groups, loss, batch size."""
 
-    raw = datasets.FashionMNIST(str(root), train=True, download=False)
-    images = ((raw.data[:limit].float() / 255 - 0.5) / 0.5).unsqueeze(1)  # (N, 1, 28, 28)
-    labels = raw.targets[:limit]
-    torch.manual_seed(0)
-    model = build_model(REFERENCE, (1, 28, 28), 10)
-    config = TrainConfig(epochs=1, batch_size=batch_size)
-    no_validation = lambda m: {"val/loss": 0.0}  # noqa: E731 - (a) validates nothing either
-    seconds = {}
+    def __init__(self, trained: nn.Module, groups: list[dict], loss, config: TrainConfig, encoder: nn.Module | None = None):
+        self.trained, self.groups, self.loss, self.config = trained, groups, loss, config
+        self.encoder = encoder  # the frozen encoder whose features are computed once (head phase), else None
 
-    def epoch(phase, trained, groups, loss_fn, data):
+    def epoch(self, images: torch.Tensor, labels: torch.Tensor, amp: bool) -> float:
         started = time.perf_counter()
-        fit(trained, groups, loss_fn, data, no_validation, config, lambda stats: None, torch.Generator().manual_seed(0))
-        seconds[phase] = time.perf_counter() - started
+        if self.encoder is not None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                images = encode(self.encoder, images, 4096).float()
+        config = self.config.model_copy(update={"epochs": 1})
+        fit(self.trained, self.groups, self.loss, (images, labels), lambda m: {"val/loss": 0.0}, config,
+            lambda stats: None, torch.Generator().manual_seed(0), amp=amp)
+        return time.perf_counter() - started
 
-    autoencoder = [{"params": [*model.encoder.parameters(), *model.decoder.parameters()]}]
-    warm_up = (images[:512], labels[:512])  # first calls pay one-off setup (kernels, allocator): not an epoch's cost
-    epoch("pretrain", model, autoencoder, reconstruction_loss(AugmentConfig()), warm_up)
-    epoch("pretrain", model, autoencoder, reconstruction_loss(AugmentConfig()), (images, labels))
-    freeze(model.encoder)
-    started = time.perf_counter()
-    features = encode(model.encoder, images, 4096)
-    encoding = time.perf_counter() - started
-    epoch("head", model.head, [{"params": list(model.head.parameters())}], classification_loss(), (features, labels))
-    seconds["head"] += encoding
-    model.encoder.requires_grad_(True)
-    finetune = [{"params": [*model.encoder.parameters(), *model.head.parameters()]}]
-    epoch("finetune", model, finetune, classification_loss(), (images, labels))
-    return seconds
+    def flops(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        """FLOPs of one epoch: one batch's forward and backward under FlopCounterMode, times the batches."""
+        batch = self.config.batch_size
+        counted = 0.0
+        if self.encoder is not None:
+            with FlopCounterMode(display=False) as counter, torch.no_grad():
+                features = self.encoder(images[:batch])
+            counted += counter.get_total_flops()
+        else:
+            features = images[:batch]
+        with FlopCounterMode(display=False) as counter:
+            self.loss(self.trained, features, labels[:batch]).backward()
+        self.trained.zero_grad(set_to_none=True)
+        return (counted + counter.get_total_flops()) * len(images) / batch
 
 
-def matmul_flops_per_second() -> float:
-    """float32 matmul throughput of this process's torch, in FLOP/s (best of 5)."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+def config_phases(config: PipelineConfig, input_shape: tuple[int, int, int], classes: int) -> dict[str, Phase]:
+    """(c)'s phases, set up as tasks/pretrain.py, head.py and finetune.py set them up."""
+    torch.manual_seed(0)
+    model = build_model(config.model, input_shape, classes)
+    pretrain = config.pretrain
+    if pretrain.objective == "contrastive":
+        trained = nn.Sequential(model.encoder, projection_head(config.model.encoder_widths[-1], pretrain.projection_dim))
+        stage1 = Phase(trained, [{"params": list(trained.parameters())}],
+                       contrastive_loss(pretrain.augment, pretrain.temperature), pretrain)
+    else:
+        noise, mask = (pretrain.noise_std, pretrain.mask_fraction) if pretrain.objective == "denoising" else (0.0, 0.0)
+        stage1 = Phase(model, [{"params": [*model.encoder.parameters(), *model.decoder.parameters()]}],
+                       reconstruction_loss(pretrain.augment, noise, mask), pretrain)
+    head_loss = classification_loss(label_smoothing=config.head.label_smoothing)
+    head = Phase(model.head, [{"params": list(model.head.parameters())}], head_loss, config.head, model.encoder)
+    finetune_loss = classification_loss(augment=config.finetune.augment, label_smoothing=config.finetune.label_smoothing)
+    finetune = Phase(model, param_groups(model, config.finetune.encoder_lr_ratio), finetune_loss, config.finetune)
+    return {"pretrain": stage1, "head": head, "finetune": finetune}
+
+
+def config_epochs(images: torch.Tensor, labels: torch.Tensor, config: PipelineConfig, amp: bool):
+    """(c) seconds per phase, and (d)'s FLOPs. Each phase first trains on 1,024 images: first calls pay one-off
+    setup (kernels, allocator), which is not an epoch's cost."""
+    phases = config_phases(config, tuple(images.shape[1:]), 10)
+    seconds, flops = {}, {}
+    for name, phase in phases.items():
+        phase.epoch(images[:1024], labels[:1024], amp)
+        seconds[name] = phase.epoch(images, labels, amp)
+        flops[name] = phase.flops(images, labels)
+    return seconds, flops
+
+
+def reference_epochs(images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """(b): the reference MLP at batch 32, float32."""
+    reference = PipelineConfig(
+        model=REFERENCE,
+        pretrain={"batch_size": 32}, head={"batch_size": 32}, finetune={"batch_size": 32, "encoder_lr_ratio": 1.0},
+    )
+    return config_epochs(images, labels, reference, amp=False)[0]
+
+
+def matmul_flops_per_second(dtype: torch.dtype) -> float:
+    """Matmul throughput in `dtype` of this process's torch, in FLOP/s (best of 5)."""
+    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(5):
@@ -146,45 +195,41 @@ def matmul_flops_per_second() -> float:
     return 2 * 1024**3 / best
 
 
-def epoch_flops(count: int) -> dict[str, float]:
-    """(d)'s numerator: 2 FLOPs per multiply-add forward; backward twice that for trained layers."""
-
-    def flops(layers, trained):
-        forward = sum(2 * count * i * o for i, o in layers)
-        return forward * (3 if trained else 1)
-
-    encoder, decoder, head = [(784, 256), (256, 128)], [(128, 256), (256, 784)], [(128, 64), (64, 10)]
-    return {
-        "pretrain": flops(encoder + decoder, True),
-        "head": flops(encoder, False) + flops(head, True),  # the encoder runs once, forward only
-        "finetune": flops(encoder + head, True),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default_batch = load_config(REPO / "configs" / "fashion_mnist.yaml").pretrain.batch_size
-    parser.add_argument("--batch-size", type=int, default=default_batch, help="(c)'s batch size")
+    parser.add_argument("-c", "--config", default="configs/fashion_mnist.yaml", help="(c)'s config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--limit", type=int, default=60_000, help="training images per epoch")
     parser.add_argument("--data", type=Path, help="a folder of Fashion-MNIST's .gz IDX files")
     args = parser.parse_args()
+    config = load_config(args.config if Path(args.config).exists() else REPO / args.config, args.overrides)
+    amp = resolve_amp(config.amp, "cpu")
     with tempfile.TemporaryDirectory() as temporary:
         root = Path(temporary)
         source = prepare_root(args.data, root)
         count = min(args.limit, 60_000)
         print(f"{source}; {count} training images per epoch; torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads")
+        limit = os.environ.get("ONEDNN_MAX_CPU_ISA")
+        print(cpu_summary() + (f", oneDNN limited to {limit}" if limit else ""))
+        print(f"(c) = {' '.join([args.config, *args.overrides])}: {amp.message}")
+        from torchvision import datasets
+
+        raw = datasets.FashionMNIST(str(root), train=True, download=False)
+        images = ((raw.data[:count].float() / 255 - 0.5) / 0.5).unsqueeze(1)  # (N, 1, 28, 28), normalised as (a)
+        labels = raw.targets[:count]
         tutorial = tutorial_epochs(root, count)
-        ours_32 = our_epochs(root, count, 32)
-        ours = our_epochs(root, count, args.batch_size)
-    rate = matmul_flops_per_second()
-    bound = {phase: flops / rate for phase, flops in epoch_flops(count).items()}
-    print(f"matmul rate {rate / 1e9:.1f} GFLOP/s")
-    print(f"{'phase':<9} {'(a) tutorial':>13} {'(b) ours@32':>12} {f'(c) ours@{args.batch_size}':>13} "
-          f"{'(d) bound':>10} {'a/b':>6} {'a/c':>6} {'c/d':>6}")
-    for phase in ("pretrain", "head", "finetune"):
-        a, b, c, d = tutorial[phase], ours_32[phase], ours[phase], bound[phase]
-        print(f"{phase:<9} {a:>12.3f}s {b:>11.3f}s {c:>12.3f}s {d:>9.3f}s {a / b:>6.1f} {a / c:>6.1f} {c / d:>6.1f}")
+        ours_32 = reference_epochs(images, labels)
+        ours, flops = config_epochs(images, labels, config, amp.enabled)
+    dtype = torch.bfloat16 if amp.enabled else torch.float32
+    rate = matmul_flops_per_second(dtype)
+    print(f"matmul rate {rate / 1e9:.1f} GFLOP/s in {str(dtype).removeprefix('torch.')}")
+    batches = "/".join(str(getattr(config, phase).batch_size) for phase in PHASES)
+    print(f"{'phase':<9} {'(a) tutorial':>13} {'(b) ours@32':>12} {'(c) config':>11} {'(d) bound':>10} "
+          f"{'a/b':>6} {'a/c':>6} {'c/d':>6}   (c)'s batch sizes {batches}")
+    for phase in PHASES:
+        a, b, c, d = tutorial[phase], ours_32[phase], ours[phase], flops[phase] / rate
+        print(f"{phase:<9} {a:>12.4f}s {b:>11.4f}s {c:>10.4f}s {d:>9.4f}s {a / b:>6.1f} {a / c:>6.1f} {c / d:>6.1f}")
 
 
 if __name__ == "__main__":

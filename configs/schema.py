@@ -19,7 +19,8 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
-    model_validator,
+    ValidationInfo,
+    field_validator,
 )
 
 Phase = Literal["data", "pretrain", "head", "finetune", "evaluate"]
@@ -27,6 +28,10 @@ PHASES: tuple[str, ...] = get_args(Phase)  # in the order they run
 
 
 class StrictModel(BaseModel):
+    """Validators that compare fields are field validators reading earlier fields (`info.data`), not model
+    validators: Prefect 3.9's bundles pickle these classes by value, and cloudpickle loses a nested model's
+    after-validator (pydantic-core SchemaError "Error building function-after serializer")."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -98,16 +103,17 @@ class PretrainConfig(TrainConfig):
     mask_fraction: float = Field(0.0, ge=0, lt=1, description="denoising: share of input pixels set to 0.")
     temperature: PositiveFloat = Field(0.5, description="contrastive: NT-Xent temperature.")
     projection_dim: PositiveInt = Field(64, description="contrastive: output size of the projection head.")
-    augment: AugmentConfig = AugmentConfig()
+    augment: AugmentConfig = Field(AugmentConfig(), validate_default=True)
 
-    @model_validator(mode="after")
-    def _contrastive_needs_augmentation(self) -> PretrainConfig:
-        if self.objective == "contrastive" and not self.augment.enabled:
+    @field_validator("augment")
+    @classmethod
+    def _contrastive_needs_augmentation(cls, augment: AugmentConfig, info: ValidationInfo) -> AugmentConfig:
+        if info.data.get("objective") == "contrastive" and not augment.enabled:
             raise ValueError(
                 "pretrain.objective contrastive compares two augmentations of each image: set pretrain.augment "
                 "(e.g. rotation_deg: 15, translate_fraction: 0.1, noise_std: 0.1)"
             )
-        return self
+        return augment
 
 
 class SupervisedConfig(TrainConfig):
@@ -155,11 +161,15 @@ class DataConfig(StrictModel):
     root: Path = Field(Path("data"), description="Downloads and the cache of prepared tensors.")
     mirror: Path | None = Field(None, description="A directory holding the data set's original archives.")
     download: bool = True
-    image_folder: Path | None = Field(None, description="image_folder: a directory with one folder per class.")
+    image_folder: Path | None = Field(
+        None, validate_default=True, description="image_folder: a directory with one folder per class."
+    )
     image_size: PositiveInt = Field(32, description="image_folder: images are resized to this square size.")
     channels: Literal[1, 3] = Field(3, description="image_folder: 1 = grayscale, 3 = RGB.")
     mean: list[float] | None = Field(None, description="Per-channel mean; none: measured on the training split.")
-    std: list[PositiveFloat] | None = Field(None, description="Per-channel std; none: measured on the training split.")
+    std: list[PositiveFloat] | None = Field(
+        None, validate_default=True, description="Per-channel std; none: measured on the training split."
+    )
     split_seed: int = Field(
         0, description="Seeds the splits and the labeled subset, so runs of any `seed` share a test set."
     )
@@ -171,15 +181,22 @@ class DataConfig(StrictModel):
     retries: NonNegativeInt = Field(2, description="Prefect task retries, e.g. for a flaky download.")
     retry_delay_s: NonNegativeFloat = 5.0
 
-    @model_validator(mode="after")
-    def _check_consistency(self) -> DataConfig:
-        if self.dataset == "image_folder" and self.image_folder is None:
+    @field_validator("image_folder")
+    @classmethod
+    def _image_folder_needs_a_folder(cls, folder: Path | None, info: ValidationInfo) -> Path | None:
+        if info.data.get("dataset") == "image_folder" and folder is None:
             raise ValueError("data.image_folder must be set when data.dataset is image_folder")
-        if (self.mean is None) != (self.std is None):
+        return folder
+
+    @field_validator("std")
+    @classmethod
+    def _mean_and_std_together(cls, std: list[float] | None, info: ValidationInfo) -> list[float] | None:
+        mean = info.data.get("mean")
+        if (mean is None) != (std is None):
             raise ValueError("set data.mean and data.std together (or neither, to measure them)")
-        if self.mean is not None and len(self.mean) != len(self.std):
+        if mean is not None and len(mean) != len(std):
             raise ValueError("data.mean and data.std need one value per channel each")
-        return self
+        return std
 
 
 class ModelConfig(StrictModel):
@@ -202,7 +219,11 @@ class PipelineConfig(StrictModel):
     name: str = Field("twostage", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="MLflow experiment name.")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    amp: bool = Field(False, description="Train under bfloat16 autocast: faster on GPUs and on CPUs with bf16 units.")
+    amp: bool | Literal["auto"] = Field(
+        "auto",
+        description="Train under bfloat16 autocast. auto: where the hardware computes in bf16 (CUDA GPUs, CPUs with "
+        "AVX512-BF16 or AMX); elsewhere bf16 is emulated, about 10x slower than float32 on an AVX2 CPU.",
+    )
     compile: bool = Field(False, description="torch.compile the training forward pass (pays off on long GPU runs).")
     output_dir: Path = Field(Path("outputs"), description="Phase checkpoints.")
     checkpoint_every_s: NonNegativeFloat = Field(

@@ -15,7 +15,7 @@ from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_sett
 from configs.errors import ConfigError
 from configs.schema import PHASES, Phase, PipelineConfig
 from flows.summary import publish_summary
-from models.device import resolve_device
+from models.device import resolve_amp, resolve_device
 from tasks import tracking
 from tasks.data import DownloadFailedError, prepare_data
 from tasks.evaluate import evaluate
@@ -66,7 +66,9 @@ def reuse_or_train(phase: str, task, phase_config, rerun: Phase | None, *args, r
 def two_stage(config: PipelineConfig, rerun: Phase | None = None) -> EvalReport:
     """Two-stage backpropagation: pretrain an autoencoder, train a head on its frozen encoder, finetune."""
     device = resolve_device(config.device)
-    with tracking.pipeline_run(config, flow_run_id=runtime.flow_run.id, device=device) as run:
+    amp = resolve_amp(config.amp, device)
+    (get_run_logger().warning if amp.warning else get_run_logger().info)(amp.message)
+    with tracking.pipeline_run(config, flow_run_id=runtime.flow_run.id, device=device, amp=amp.enabled) as run:
         data = with_retries(prepare_data, config.data)(config.data, run, rebuild=forced("data", rerun))
         pretrained = reuse_or_train("pretrain", pretrain, config.pretrain, rerun, config.pretrain, config.model, data, run=run)
         head = reuse_or_train("head", train_head, config.head, rerun, config.head, data, pretrained, run=run)
@@ -87,8 +89,9 @@ def local_run_settings() -> Iterator[None]:
     """Prefect settings for flow runs started from this process.
 
     Without PREFECT_API_URL a flow run reports to Prefect's ephemeral server, which lives and dies with this
-    process: no one is left to notice a crash, so the run sends no heartbeats. Their thread would also end it
-    late: Prefect 3.8 joins it at its next whole second, 0.5 s on average.
+    process: no one is left to notice a crash, so the run sends no heartbeats. They would also cost time:
+    Prefect joins their thread at its next whole second, and in 3.9.1 a short flow run took a median 2.09 s
+    with heartbeats against 1.17 s without (8 runs each, alternating).
     """
     ephemeral = not get_current_settings().api.url
     with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None} if ephemeral else {}):

@@ -10,7 +10,6 @@ run, and logs no epoch twice.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import os
 import time
 from collections.abc import Iterator
@@ -59,7 +58,7 @@ CODE_FINGERPRINT = code_fingerprint()
 
 
 def input_key(task_name: str, parameters: dict[str, Any]) -> str:
-    """What a phase's result depends on: its configs, upstream fingerprints, the seed, `amp` and the code.
+    """What a phase's result depends on: its configs, upstream fingerprints, the seed, `amp` as resolved and the code.
 
     The code is CODE_FINGERPRINT, not only the task function's source (Prefect's TASK_SOURCE): a change to the
     training loop, the networks or the objectives must not reuse results the old code made.
@@ -217,11 +216,13 @@ class TrainingPhase:
 def training_phase(name: str, context: RunContext) -> Iterator[TrainingPhase]:
     """Open (or, when resuming, reopen) the phase's child run and load its last good epoch state.
 
-    Called inside the phase's task: its files are named by its input key and its task's source, as its
-    cached result is, so a state left by older code is not resumed by newer code.
+    Called inside the phase's task: its files are named by its input key, which holds the code fingerprint as
+    its cached result's does, so a state left by older code is not resumed by newer code. Not the task
+    function's source: Prefect 3.9 runs served and worker-submitted flows from cloudpickle bundles whose
+    functions have no source file.
     """
     task_run = TaskRunContext.get()
-    key = fingerprint(input_key(task_run.task.name, task_run.parameters), inspect.getsource(task_run.task.fn))
+    key = input_key(task_run.task.name, task_run.parameters)
     states = EpochStates(Path(context.output_dir) / "checkpoints" / f"{name}-{key[:16]}")
     resume = states.load(get_run_logger())
     reopen = (resume["run_id"], resume["epoch"]) if resume else None

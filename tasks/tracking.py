@@ -61,8 +61,10 @@ def _git_commit() -> str:
 
 
 @contextmanager
-def pipeline_run(config: PipelineConfig, flow_run_id: str | None, device: str) -> Iterator[RunContext]:
+def pipeline_run(config: PipelineConfig, flow_run_id: str | None, device: str, amp: bool) -> Iterator[RunContext]:
     """Open the parent run: tags, the flattened config as params, the resolved config as an artifact.
+
+    device and amp: as resolved on this machine (the config may say "auto"); tagged, and handed to the phases.
 
     The run ends FINISHED, FAILED (an exception) or KILLED (Ctrl-C), never left RUNNING.
     """
@@ -83,6 +85,8 @@ def pipeline_run(config: PipelineConfig, flow_run_id: str | None, device: str) -
             "twostage.config_hash": config_hash,
             "twostage.git_commit": _git_commit(),
             "twostage.flow_run_id": str(flow_run_id),
+            "twostage.device": device,
+            "twostage.amp": "bf16" if amp else "float32",
             **_process_tags(),
         },
     )
@@ -97,7 +101,7 @@ def pipeline_run(config: PipelineConfig, flow_run_id: str | None, device: str) -
             parent_run_id=run_id,
             seed=config.seed,
             device=device,
-            amp=config.amp,
+            amp=amp,
             compile=config.compile,
             output_dir=config.output_dir.resolve(),  # absolute: reused results must not depend on the cwd
             checkpoint_every_s=config.checkpoint_every_s,

@@ -29,6 +29,13 @@ def prefect_server():
         yield
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that runs flows on the Prefect test server is an `engine` test: `make test-fast` leaves them out."""
+    for item in items:
+        if "prefect_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.engine)
+
+
 @contextmanager
 def isolated_workdir(path: Path) -> Iterator[Path]:
     """Work in `path` with its own MLflow sqlite store (artifacts in ./mlruns) and Prefect result storage,
@@ -54,6 +61,7 @@ def tiny_config(**sections) -> dict:
         "name": "tiny",
         "seed": 0,
         "device": "cpu",
+        "amp": False,  # float32 on every CI machine, bf16 units or not: the same results everywhere
         "data": {"dataset": "digits"},
         "model": {"encoder_widths": [32, 16], "head_widths": [16]},
         "pretrain": {"epochs": 2, "batch_size": 128},

@@ -10,19 +10,24 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from configs.loader import load_config
 from conftest import REPO, tiny_mnist
+
+pytestmark = pytest.mark.benchmark
 
 
 def test_speed_benchmark_prints_each_phase_with_its_ratios(tmp_path):
     tiny_mnist(tmp_path / "idx", train=300, test=50)
     result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "speed.py"), "--limit", "300", "--batch-size", "64",
-         "--data", str(tmp_path / "idx")],
+        [sys.executable, str(REPO / "benchmarks" / "speed.py"), "--limit", "300", "--data", str(tmp_path / "idx")],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "300 training images per epoch" in result.stdout
+    assert re.search(r"^CPU .+: avx2[+-] avx512_f[+-] avx512_bf16[+-] amx_bf16[+-]; torch kernels \w+", result.stdout, re.M)
+    assert re.search(r"^\(c\) = configs/fashion_mnist.yaml: amp auto: (bf16 autocast|float32)", result.stdout, re.M)
     number = r"\s+([0-9.]+)s?"
     for phase in ("pretrain", "head", "finetune"):
         row = re.search(rf"^{phase}" + number * 7 + "$", result.stdout, re.MULTILINE)

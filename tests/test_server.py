@@ -109,14 +109,17 @@ def test_serve_rejects_a_bad_cron_expression(tmp_path, prefect_api):
     assert result.returncode == 2 and "--cron 'every night' is not a cron expression" in result.stderr
 
 
-def test_a_served_deployment_runs_on_the_server_tracked_in_mlflow_with_summary_artifacts(tmp_path, prefect_api):
+def test_a_served_deployment_runs_its_cron_schedule_tracked_in_mlflow_with_summary_artifacts(tmp_path, prefect_api):
+    """`twostage serve --cron "* * * * *"`: the server schedules a flow run for the next minute and the served
+    process runs it (Prefect 3.9: from a cloudpickle bundle) to Completed, all five phases, tracked in MLflow."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     env = {**client_env(tmp_path, prefect_api), "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PYTHONFAULTHANDLER": "1"}
     serve = subprocess.Popen(
-        [str(BIN / "twostage"), "serve", "-c", str(QUICKSTART), "--cron", "0 3 * * *", "--name", "nightly", *FAST],
+        [str(BIN / "twostage"), "serve", "-c", str(QUICKSTART), "--cron", "* * * * *", "--name", "nightly", *FAST],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     try:
@@ -129,14 +132,19 @@ def test_a_served_deployment_runs_on_the_server_tracked_in_mlflow_with_summary_a
                     return None
 
             served = wait_for(deployment, 120, "the served deployment")
-            assert [s.schedule.cron for s in served.schedules] == ["0 3 * * *"]
+            assert [s.schedule.cron for s in served.schedules] == ["* * * * *"]
             expected = load_config(QUICKSTART, [arg.removeprefix("--set=") for arg in FAST])
             assert validate_config(served.parameters["config"]) == expected
 
             with pytest.raises(Exception, match="epoch"):  # a bad "Custom run" is refused, naming the field
                 run_deployment("two-stage/nightly", parameters={"config": {"finetune": {"epoch": 3}}}, timeout=0)
 
-            flow_run = run_deployment("two-stage/nightly", timeout=300)
+            def scheduled_run_done():
+                runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[served.id])))
+                done = [run for run in runs if run.auto_scheduled and run.state.is_final()]
+                return done[0] if done else None
+
+            flow_run = wait_for(scheduled_run_done, 240, "a flow run of the cron schedule to finish")
             assert flow_run.state.is_completed(), flow_run.state
             artifacts = flow_run_artifacts(flow_run.id)
     finally:
@@ -160,6 +168,44 @@ def test_a_served_deployment_runs_on_the_server_tracked_in_mlflow_with_summary_a
         assert f"| {phase} | run |" in summary
     assert "test/acc" in summary
     assert runs[0].info.run_id in artifacts["twostage-mlflow-run"].data
+
+
+@pytest.mark.filterwarnings("ignore:Ad-hoc flow submission via workers is experimental:FutureWarning")
+def test_a_worker_runs_the_flow_from_a_bundle_that_pickles_our_modules_by_value(tmp_path, prefect_api, monkeypatch):
+    """A process worker's ad-hoc submission (Prefect 3.9): the worker pickles the flow and our modules by value
+    into a bundle, checks its requirements with uv in the active venv, and runs it in a new process."""
+    import asyncio
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.workers.process import ProcessWorker
+
+    from configs.loader import validate_config
+    from conftest import tiny_config
+    from flows.two_stage import two_stage
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("VIRTUAL_ENV", sys.prefix)  # as in an activated venv: where uv checks the bundle's requirements
+    config = validate_config(tiny_config()).model_dump(mode="json")
+
+    async def submit_and_wait():
+        async with ProcessWorker(work_pool_name="adhoc", create_pool_if_not_found=True) as worker:
+            future = await worker.submit(two_stage, parameters={"config": config})
+
+            def final_state():
+                future.wait(timeout=300)
+                return future.state
+
+            return await asyncio.to_thread(final_state)
+
+    with temporary_settings({PREFECT_API_URL: prefect_api}):
+        state = asyncio.run(submit_and_wait())
+    assert state.is_completed(), state
+    tracking = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = tracking.search_runs([tracking.get_experiment_by_name("tiny").experiment_id])
+    assert {run.data.tags.get("twostage.phase", "parent") for run in runs} == {
+        "parent", "data", "pretrain", "head", "finetune", "evaluate"}
+    assert {run.info.status for run in runs} == {"FINISHED"}
 
 
 def test_prefect_yaml_deploys_the_shipped_configs_with_their_validated_parameters():
