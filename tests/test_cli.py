@@ -80,6 +80,7 @@ def test_run_prints_progress_then_metrics_run_id_and_the_mlflow_ui_command(tmp_p
     for phase in ("pretrain", "head", "finetune"):
         assert f"{phase} epoch 2/2 train/loss" in result.stderr
     assert "val/acc" in result.stderr
+    assert "amp false: float32" in result.stderr  # what the run trains in, and why, in one line
     lines = result.stdout.strip().splitlines()
     assert lines[-3].startswith("quickstart: test/acc ")
     run_id = lines[-2].split()[2]

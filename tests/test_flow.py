@@ -54,6 +54,7 @@ def test_parent_run_carries_tags_flattened_params_and_resolved_config(quickstart
     assert parent.info.run_name == f"quickstart-{tags['twostage.config_hash'][:7]}"
     assert tags["twostage.git_commit"] and tags["twostage.flow_run_id"] not in ("", "None")
     assert len(tags["twostage.data_fingerprint"]) == 64
+    assert (tags["twostage.device"], tags["twostage.amp"]) == ("cpu", "float32")  # quickstart: amp false
     params = parent.data.params
     assert params["finetune.optimizer.lr"] == "0.001" and params["data.dataset"] == "digits"
     assert params["model.encoder_widths"] == "[128, 32]" and params["seed"] == "0"
