@@ -213,11 +213,11 @@ def logistic_regression(base: PipelineConfig, fraction: float) -> Row:
     """scikit-learn's LogisticRegression on the normalised pixels of the same labeled subset."""
     from sklearn.linear_model import LogisticRegression
 
-    from tasks.data import load_splits, prepare
+    from tasks.data import label_subset, load_splits, prepare
 
-    data = base.data.model_copy(update={"label_fraction": fraction})
-    splits = load_splits(prepare(data), "cpu")
-    images, labels = splits.labeled_train()
+    bundle = prepare(base.data)
+    splits = load_splits(bundle, "cpu")
+    images, labels = splits.labeled(label_subset(bundle, fraction))
     images, labels = images.flatten(1).numpy(), labels.numpy()
     model = LogisticRegression(max_iter=300).fit(images, labels)
     accuracy = float((model.predict(splits.test_x.flatten(1).numpy()) == splits.test_y.numpy()).mean())

@@ -42,9 +42,10 @@ sys.path.insert(0, str(REPO))
 from configs.loader import load_config  # noqa: E402
 from configs.schema import ModelConfig, PipelineConfig, TrainConfig  # noqa: E402
 from models.device import cpu_summary, resolve_amp  # noqa: E402
-from models.networks import build_model, projection_head  # noqa: E402
-from models.objectives import classification_loss, contrastive_loss, reconstruction_loss  # noqa: E402
-from models.training import encode, fit  # noqa: E402
+from models.evaluation import encode  # noqa: E402
+from models.networks import build_model  # noqa: E402
+from models.objectives import OBJECTIVES, classification_loss  # noqa: E402
+from models.training import fit  # noqa: E402
 from tasks.finetune import param_groups  # noqa: E402
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -145,20 +146,14 @@ def config_phases(config: PipelineConfig, input_shape: tuple[int, int, int], cla
     """(c)'s phases, set up as tasks/pretrain.py, head.py and finetune.py set them up."""
     torch.manual_seed(0)
     model = build_model(config.model, input_shape, classes)
-    pretrain = config.pretrain
-    if pretrain.objective == "contrastive":
-        trained = nn.Sequential(model.encoder, projection_head(config.model.encoder_widths[-1], pretrain.projection_dim))
-        stage1 = Phase(trained, [{"params": list(trained.parameters())}],
-                       contrastive_loss(pretrain.augment, pretrain.temperature), pretrain)
-    else:
-        noise, mask = (pretrain.noise_std, pretrain.mask_fraction) if pretrain.objective == "denoising" else (0.0, 0.0)
-        stage1 = Phase(model, [{"params": [*model.encoder.parameters(), *model.decoder.parameters()]}],
-                       reconstruction_loss(pretrain.augment, noise, mask), pretrain)
+    stage1 = OBJECTIVES[config.pretrain.objective].setup(model, config.pretrain)
     head_loss = classification_loss(label_smoothing=config.head.label_smoothing)
-    head = Phase(model.head, [{"params": list(model.head.parameters())}], head_loss, config.head, model.encoder)
     finetune_loss = classification_loss(augment=config.finetune.augment, label_smoothing=config.finetune.label_smoothing)
-    finetune = Phase(model, param_groups(model, config.finetune.encoder_lr_ratio), finetune_loss, config.finetune)
-    return {"pretrain": stage1, "head": head, "finetune": finetune}
+    return {
+        "pretrain": Phase(stage1.trained, [{"params": stage1.parameters}], stage1.loss, config.pretrain),
+        "head": Phase(model.head, [{"params": list(model.head.parameters())}], head_loss, config.head, model.encoder),
+        "finetune": Phase(model, param_groups(model, config.finetune), finetune_loss, config.finetune),
+    }
 
 
 def config_epochs(images: torch.Tensor, labels: torch.Tensor, config: PipelineConfig, amp: bool):

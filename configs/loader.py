@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from configs.errors import ConfigError
+from configs.errors import UserError
 from configs.schema import PipelineConfig
 
 
@@ -16,19 +16,19 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
     """Load `path`, merge the dotted `KEY=VALUE` overrides into it, then validate.
 
     Raises:
-        ConfigError: unreadable YAML, a malformed override, or a key or value the schema rejects.
+        UserError: unreadable YAML, a malformed override, or a key or value the schema rejects.
     """
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except OSError as error:
-        raise ConfigError(f"{path}: cannot read config ({error.strerror}); pass an existing file with -c") from None
+        raise UserError(f"{path}: cannot read config ({error.strerror}); pass an existing file with -c") from None
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         line = f" line {where.line + 1}" if where else ""
-        raise ConfigError(f"{path}:{line} is not valid YAML ({getattr(error, 'problem', error)})") from None
+        raise UserError(f"{path}:{line} is not valid YAML ({getattr(error, 'problem', error)})") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys such as data:, pretrain:, head:")
+        raise UserError(f"{path}: the top level must be a mapping of keys such as data:, pretrain:, head:")
     for override in overrides:
         _apply_override(raw, override)
     return validate_config(raw, source=str(path))
@@ -38,7 +38,7 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> PipelineConf
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(f"{source}: {describe_validation_error(error)}") from None
+        raise UserError(f"{source}: {describe_validation_error(error)}") from None
 
 
 def describe_validation_error(error: ValidationError) -> str:
@@ -67,13 +67,13 @@ def _known_keys(location: tuple) -> list[str]:
 def _apply_override(raw: dict[str, Any], override: str) -> None:
     key, sep, text = override.partition("=")
     if not sep or not key:
-        raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. --set finetune.epochs=3")
+        raise UserError(f"--set {override!r}: expected KEY=VALUE, e.g. --set finetune.epochs=3")
     *parents, leaf = key.split(".")
     node = raw
     for part in parents:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {override!r}: '{part}' is a value, not a section")
+            raise UserError(f"--set {override!r}: '{part}' is a value, not a section")
         node = child
     node[leaf] = yaml.safe_load(text) if text else ""
 

@@ -14,7 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
-from configs.errors import ConfigError
+from configs.errors import UserError
 from configs.loader import load_config
 from configs.schema import PHASES
 from flows.prefect_defaults import set_prefect_defaults
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return predict(args.model or default_model_uri(args.config), args.images)
         return run_pipeline(args.config, args.overrides, args.rerun)
-    except ConfigError as error:
+    except UserError as error:
         print(f"twostage: error: {error}", file=sys.stderr)
         return 2
 
@@ -77,7 +77,7 @@ def run_pipeline(config_path: str, overrides: list[str], rerun: str | None = Non
     from flows.two_stage import run_here  # imports Prefect, MLflow and torch: only once the config is valid
     from tasks.tracking import run_url, tracking_uri
 
-    _hide_tracebacks_of_config_errors()
+    _hide_tracebacks_of_user_errors()
     report = run_here(config, rerun=rerun)
     metrics = "  ".join(f"{name} {value:.4f}" for name, value in report.metrics.items())
     uri = tracking_uri()
@@ -106,9 +106,9 @@ def serve_pipeline(config_path: str, overrides: list[str], cron: str, name: str 
     try:
         CronSchedule(cron=cron)
     except ValueError:
-        raise ConfigError(f"--cron {cron!r} is not a cron expression; e.g. \"0 3 * * *\" runs daily at 03:00") from None
+        raise UserError(f"--cron {cron!r} is not a cron expression; e.g. \"0 3 * * *\" runs daily at 03:00") from None
     if not get_current_settings().api.url:
-        raise ConfigError(
+        raise UserError(
             "twostage serve needs a Prefect server, which the ephemeral one cannot be: start one with "
             "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api"
         )
@@ -164,19 +164,19 @@ def _mlflow_command() -> str:
         return str(beside)
 
 
-class _NoTracebackForConfigErrors(logging.Filter):
+class _NoTracebackForUserErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], ConfigError):
+        if record.exc_info and isinstance(record.exc_info[1], UserError):
             record.exc_info, record.exc_text = None, None
         return True
 
 
-def _hide_tracebacks_of_config_errors() -> None:
+def _hide_tracebacks_of_user_errors() -> None:
     """Prefect logs a failed task's traceback; for a config or data mistake the one-line message is enough."""
     loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict) if name.startswith("prefect")]
     for logger in [logging.getLogger(), *loggers]:
         for handler in logger.handlers:
-            handler.addFilter(_NoTracebackForConfigErrors())
+            handler.addFilter(_NoTracebackForUserErrors())
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 from pathlib import Path
 
-from configs.errors import ConfigError
+from configs.errors import UserError
 from tasks import plots, tracking
 
 TEST_METRICS = ("test/acc", "test/loss", "test/f1_macro")
@@ -18,7 +18,7 @@ def compare(experiment: str, metric: str, last: int | None, out: Path) -> str:
         return f"no finished pipeline runs in experiment {experiment!r} at {tracking.tracking_uri()}"
     if not any(metric in run.metrics for run in runs):
         known = sorted({name for run in runs for name in run.metrics if name.startswith(("test/", "time/"))})
-        raise ConfigError(f"--metric {metric}: no run of {experiment!r} has it; e.g. {', '.join(known)}")
+        raise UserError(f"--metric {metric}: no run of {experiment!r} has it; e.g. {', '.join(known)}")
     lower_is_better = "loss" in metric
     runs.sort(key=lambda run: run.metrics.get(metric, float("inf") if lower_is_better else float("-inf")),
               reverse=not lower_is_better)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.data import DataNotFoundError, read_image
+from tasks.sources import DataNotFoundError, read_image
 from tasks.tracking import load_classifier
 
 

@@ -16,7 +16,7 @@ import torch
 from torch.backends import cpu as cpu_backend
 from torch.backends import mps
 
-from configs.errors import ConfigError
+from configs.errors import UserError
 
 
 def resolve_device(name: str) -> str:
@@ -28,9 +28,9 @@ def resolve_device(name: str) -> str:
             return "mps"
         return "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda was asked for but torch sees no CUDA device; set device: auto or cpu")
+        raise UserError("device: cuda was asked for but torch sees no CUDA device; set device: auto or cpu")
     if name == "mps" and not mps.is_available():
-        raise ConfigError("device: mps was asked for but this torch build has no MPS device; set device: auto or cpu")
+        raise UserError("device: mps was asked for but this torch build has no MPS device; set device: auto or cpu")
     return name
 
 

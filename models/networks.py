@@ -13,13 +13,14 @@ ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "leaky_relu": 
 
 
 class TwoStageModel(nn.Module):
-    """encoder -> features -> head (classification); encoder -> decoder (reconstruction)."""
+    """encoder -> features (feature_size of them) -> head (classification); encoder -> decoder (reconstruction)."""
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, head: nn.Module):
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, head: nn.Module, feature_size: int):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
         self.head = head
+        self.feature_size = feature_size
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, classes) logits
         return self.head(self.encoder(images))
@@ -37,8 +38,8 @@ def build_model(config: ModelConfig, input_shape: tuple[int, int, int], num_clas
         encoder, decoder = _mlp_autoencoder(config, input_shape)
     else:
         encoder, decoder = _cnn_autoencoder(config, input_shape)
-    head = _mlp(config.encoder_widths[-1], [*config.head_widths, num_classes], config)
-    return TwoStageModel(encoder, decoder, head)
+    features = config.encoder_widths[-1]
+    return TwoStageModel(encoder, decoder, _mlp(features, [*config.head_widths, num_classes], config), features)
 
 
 def _mlp(in_features: int, widths: list[int], config: ModelConfig) -> nn.Sequential:

@@ -1,14 +1,18 @@
-"""Loss functions for `fit` and the batched tensor augmentation that stage 1 can use."""
+"""Loss functions for `fit`, the stage-1 objectives (OBJECTIVES), and batched tensor augmentation."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from configs.schema import AugmentConfig
+from configs.schema import AugmentConfig, PretrainConfig
+from models.evaluation import evaluating, reconstruction_error
+from models.networks import TwoStageModel, projection_head
 from models.training import LossFn
 
 
@@ -101,3 +105,63 @@ def augment_batch(images: torch.Tensor, config: AugmentConfig) -> torch.Tensor:
     if config.noise_std:
         images = images + config.noise_std * torch.randn_like(images)
     return images
+
+
+# ----------------------------------------------------------------------------------- stage-1 objectives
+
+
+@dataclass
+class Stage1:
+    """What one stage-1 objective trains: a module sharing the model's encoder, its parameters, and its loss."""
+
+    trained: nn.Module
+    parameters: list[nn.Parameter]
+    loss: LossFn
+    validation_loss: Callable[[torch.Tensor], float]  # validation images -> the objective's val/loss
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A row of OBJECTIVES: how to set stage 1 up, the metric the pipeline reports, whether a decoder learns."""
+
+    headline: str  # the final val/loss under this name on the parent run, e.g. "pretrain/recon_loss"
+    reconstructs: bool  # the decoder learns to reconstruct: worth a figure of inputs and reconstructions
+    setup: Callable[[TwoStageModel, PretrainConfig], Stage1]
+
+
+def _reconstruction(noise_std: float, mask_fraction: float, model: TwoStageModel, config: PretrainConfig) -> Stage1:
+    """Encoder and decoder reconstruct the input; validated by the clean reconstruction error."""
+    return Stage1(
+        trained=model,
+        parameters=[*model.encoder.parameters(), *model.decoder.parameters()],
+        loss=reconstruction_loss(config.augment, noise_std, mask_fraction),
+        validation_loss=lambda images: reconstruction_error(model, images, batch_size=1024),
+    )
+
+
+def _contrastive(model: TwoStageModel, config: PretrainConfig) -> Stage1:
+    """The encoder and a projection head (dropped afterwards) pull two augmentations of an image together."""
+    device = next(model.parameters()).device
+    trained = nn.Sequential(model.encoder, projection_head(model.feature_size, config.projection_dim).to(device))
+    loss = contrastive_loss(config.augment, config.temperature)
+    devices = [device.index or 0] if device.type == "cuda" else []
+
+    @torch.no_grad()
+    def validation_loss(images: torch.Tensor, batch_size: int = 512) -> float:
+        """The same augmentations on every validation (seed 0), without disturbing training's random stream."""
+        with torch.random.fork_rng(devices=devices), evaluating(trained):
+            torch.manual_seed(0)
+            losses = [loss(trained, images[i : i + batch_size], None) for i in range(0, len(images), batch_size)]
+        return torch.stack(losses).mean().item()
+
+    return Stage1(trained, list(trained.parameters()), loss, validation_loss)
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "autoencoder": Objective("pretrain/recon_loss", True, lambda model, config: _reconstruction(0.0, 0.0, model, config)),
+    "denoising": Objective(
+        "pretrain/recon_loss", True,
+        lambda model, config: _reconstruction(config.noise_std, config.mask_fraction, model, config),
+    ),
+    "contrastive": Objective("pretrain/contrastive_loss", False, _contrastive),
+}

@@ -70,10 +70,8 @@ def train_mode(model: nn.Module) -> None:
 
 
 def make_optimizer(param_groups: Iterable[dict], config: OptimizerConfig) -> torch.optim.Optimizer:
-    """An optimizer over `param_groups`; a group's "lr_scale" multiplies `config.lr`."""
-    groups = [
-        {"params": group["params"], "lr": config.lr * group.get("lr_scale", 1.0)} for group in param_groups
-    ]
+    """An optimizer over `param_groups` (torch's: a group's own "lr" wins over `config.lr`)."""
+    groups = [dict(group) for group in param_groups]  # torch fills its defaults into the dicts it gets
     if config.name == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     optimizer_class = torch.optim.AdamW if config.name == "adamw" else torch.optim.Adam
@@ -139,7 +137,8 @@ def fit(
     """Train the parameters in `param_groups` of `model` on `data` = (inputs, targets).
 
     Args:
-        param_groups: [{"params": [...], "lr_scale": 1.0}, ...]: only these parameters are optimized.
+        param_groups: torch's parameter groups, [{"params": [...]}, {"params": [...], "lr": 1e-4}, ...]: only
+            these parameters are optimized; a group without "lr" gets `config.optimizer.lr`.
         loss_fn: the loss of one batch; it decides what a batch means (reconstruction, classes).
         validate: metrics of the model after an epoch; "val/loss" drives schedules and early stopping.
         on_epoch: called after every epoch (after `save_state`).
@@ -234,40 +233,3 @@ def _set_rng_states(states: dict, generator: torch.Generator, device: torch.devi
     generator.set_state(states["batches"])
     if device.type == "cuda" and "cuda" in states:
         torch.cuda.set_rng_state(states["cuda"], device)
-
-
-@torch.inference_mode()
-def classification_metrics(
-    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int
-) -> tuple[float, float, torch.Tensor]:
-    """(mean cross-entropy, accuracy, predicted classes) of `model` in eval mode."""
-    was_training = model.training
-    model.eval()
-    logits = torch.cat([model(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])
-    model.train(was_training)
-    loss = nn.functional.cross_entropy(logits, targets).item()
-    predictions = logits.argmax(dim=1)
-    return loss, (predictions == targets).float().mean().item(), predictions
-
-
-@torch.inference_mode()
-def reconstruction_error(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> float:
-    """Mean squared error of `model.reconstruct` on `inputs`, in eval mode."""
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), device=inputs.device)
-    for i in range(0, len(inputs), batch_size):
-        batch = inputs[i : i + batch_size]
-        total += nn.functional.mse_loss(model.reconstruct(batch), batch, reduction="sum")
-    model.train(was_training)
-    return (total / inputs.numel()).item()
-
-
-@torch.no_grad()  # not inference_mode: the features are inputs of a later backward pass
-def encode(encoder: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Features of a frozen encoder in eval mode, computed once: (N, ...) -> (N, features)."""
-    was_training = encoder.training
-    encoder.eval()
-    features = torch.cat([encoder(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])
-    encoder.train(was_training)
-    return features

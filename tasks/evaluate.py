@@ -8,10 +8,10 @@ from prefect import get_run_logger, task
 from sklearn import metrics as sk_metrics
 
 from configs.schema import EvalConfig
-from models.training import classification_metrics, encode
+from models.evaluation import classification_metrics, encode
 from tasks import plots, tracking
+from tasks.checkpoints import load_model
 from tasks.data import load_splits
-from tasks.phase import load_model
 from tasks.results import Checkpoint, DataBundle, EvalReport, RunContext
 
 

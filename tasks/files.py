@@ -1,8 +1,7 @@
-"""Writing files so that a crash never leaves a half-written one, and fingerprinting them."""
+"""Writing files so that a crash never leaves a half-written one."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -25,11 +24,3 @@ def write_temporary(obj: Any, folder: Path) -> Path:
 def save_atomically(obj: Any, path: Path) -> None:
     """torch.save `obj` to `path`: readers see the old file or the whole new one, never a partial one."""
     os.replace(write_temporary(obj, path.parent), path)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -1,106 +1,60 @@
-"""What the three training phases share: the cache key, seeding, epoch states, progress, checkpoints.
+"""A training phase in progress: its MLflow child run, seeding, epoch states, progress lines, final checkpoint.
 
 A training phase writes its whole training state after an epoch (atomically, keeping the previous one) once
 `checkpoint_every_s` has passed since the last, and after its last epoch; then it sends the metrics of the
 epochs since the last state to MLflow in one batch. Started again with the same inputs (a Prefect retry, or
 the same command after the process was killed), it resumes after the saved epoch in the same MLflow child
 run, and logs no epoch twice.
+
+A phase gets its key, logger and tracker passed in (`training_phase`), so its training function runs without
+the Prefect engine; inside a task, `open_phase` supplies Prefect's.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
+import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from time import monotonic
 from typing import Any
 
 import torch
 from prefect import get_run_logger
-from prefect.cache_policies import CacheKeyFnPolicy
-from prefect.context import TaskRunContext
 
-from configs.errors import ConfigError
-from configs.schema import ModelConfig, TrainConfig, fingerprint
-from models.networks import TwoStageModel, build_model
-from models.training import (
-    EpochStats,
-    FitResult,
-    LossFn,
-    NonFiniteLossError,
-    Validate,
-    classification_metrics,
-    fit,
-)
+from configs.errors import UserError
+from configs.schema import ModelConfig, TrainConfig
+from models.networks import TwoStageModel
+from models.training import EpochStats, FitResult, LossFn, NonFiniteLossError, Validate, fit
 from tasks import tracking
-from tasks.files import file_sha256, save_atomically, write_temporary
-from tasks.results import Checkpoint, DataBundle, RunContext
+from tasks.checkpoints import save_weights
+from tasks.epoch_states import EpochStates
+from tasks.keys import input_key
+from tasks.results import Checkpoint, RunContext
 
 PHASE_SEEDS = {"pretrain": 1, "head": 2, "finetune": 3}
 
-
-SOURCE_ROOT = Path(__file__).resolve().parents[1]
-
-
-def code_fingerprint(root: Path = SOURCE_ROOT) -> str:
-    """sha256 of every module of `models/` and `tasks/` under `root`: the code that trains, loads data and
-    checkpoints."""
-    digest = hashlib.sha256()
-    for path in sorted([*(root / "models").glob("*.py"), *(root / "tasks").glob("*.py")]):
-        digest.update(f"{path.parent.name}/{path.name}".encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
+OpenChild = Callable[..., AbstractContextManager[tracking.PhaseTracker]]  # tracking.phase_run, or a test's fake
 
 
-CODE_FINGERPRINT = code_fingerprint()
-
-
-def input_key(task_name: str, parameters: dict[str, Any]) -> str:
-    """What a phase's result depends on: its configs, upstream fingerprints, the seed, `amp` as resolved and the code.
-
-    The code is CODE_FINGERPRINT, not only the task function's source (Prefect's TASK_SOURCE): a change to the
-    training loop, the networks or the objectives must not reuse results the old code made.
-
-    Not the run ids, paths or the flow run: the same inputs give the same key in any later flow run.
-    Pretraining never sees a label, so which labels the later phases use (`data.label_fraction`) is
-    not part of its key: a low-label study pretrains once.
-    """
-
-    def identity(value: Any) -> Any:
-        if isinstance(value, RunContext):  # not the device or compile: they change results only within noise
-            return [value.seed, value.amp]
-        if isinstance(value, DataBundle):
-            return value.images_fingerprint if task_name == "pretrain" else value.fingerprint
-        if isinstance(value, Checkpoint):
-            return value.sha256
-        return value
-
-    return fingerprint(task_name, CODE_FINGERPRINT, *(identity(value) for _, value in sorted(parameters.items())))
-
-
-# Prefect reuses a phase's persisted result when its inputs and our code are unchanged.
-PHASE_CACHE = CacheKeyFnPolicy(cache_key_fn=lambda context, parameters: input_key(context.task.name, parameters))
-
-
-class TrainingDivergedError(ConfigError):
+class TrainingDivergedError(UserError):
     """The loss became NaN or infinite: the message names the phase, the epoch and what to change."""
 
 
 class TrainingPhase:
     """One training phase in progress: its MLflow child run, batch-order generator and epoch states."""
 
-    def __init__(
-        self, name: str, context: RunContext, child: tracking.PhaseRun, states: EpochStates, resume: dict | None
-    ):
+    def __init__(self, name: str, context: RunContext, child: tracking.PhaseTracker, states: EpochStates,
+                 resume: dict | None, logger: logging.Logger | logging.LoggerAdapter):
         self.name = name
         self.context = context
+        self.device = context.device
         self.child = child
         self.states = states
         self.resume = resume
+        self.logger = logger
         self.parameter_counts: dict[str, float] = {}
-        self.logger = get_run_logger()
         self.saved_epoch = resume["epoch"] if resume else 0
         self.saved_at = monotonic()
         self.logged_through = 0  # epochs up to this one are in the child run already (from an earlier attempt)
@@ -179,11 +133,7 @@ class TrainingPhase:
             self.unsent = []
 
     def finish(
-        self,
-        model: TwoStageModel,
-        result: FitResult,
-        model_config: ModelConfig,
-        input_shape: tuple[int, int, int],
+        self, model: TwoStageModel, model_config: ModelConfig, input_shape: tuple[int, int, int],
         headline: dict[str, float],
     ) -> Checkpoint:
         """Save and log the final weights; drop the epoch states, which are no longer needed.
@@ -192,106 +142,36 @@ class TrainingPhase:
         also gets the phase's seconds and parameter counts.
         """
         path = self.states.stem.with_suffix(".pt")
-        save_atomically(model.state_dict(), path)
-        sha256 = file_sha256(path)
+        sha256 = save_weights(model, path)
         self.child.log_artifact(path, "checkpoint")  # the curves: MLflow charts the per-epoch metrics
         seconds = time.perf_counter() - self.child.started
         metrics = {**headline, **self.parameter_counts, f"time/{self.name}_s": seconds}
         self.child.log_metrics(metrics, on_parent=True)
         self.states.clear()
         return Checkpoint(
-            phase=self.name,
-            path=path,
-            sha256=sha256,
-            model=model_config,
-            input_shape=input_shape,
-            num_classes=model.head[-1].out_features,
-            metrics=metrics,
-            run_id=self.child.run_id,
-            seconds=seconds,
+            phase=self.name, path=path, sha256=sha256, model=model_config, input_shape=input_shape,
+            num_classes=model.head[-1].out_features, metrics=metrics, run_id=self.child.run_id, seconds=seconds,
         )
 
 
 @contextmanager
-def training_phase(name: str, context: RunContext) -> Iterator[TrainingPhase]:
+def training_phase(
+    name: str, run: RunContext, key: str, logger: logging.Logger | logging.LoggerAdapter,
+    open_child: OpenChild = tracking.phase_run,
+) -> Iterator[TrainingPhase]:
     """Open (or, when resuming, reopen) the phase's child run and load its last good epoch state.
 
-    Called inside the phase's task: its files are named by its input key, which holds the code fingerprint as
-    its cached result's does, so a state left by older code is not resumed by newer code. Not the task
-    function's source: Prefect 3.9 runs served and worker-submitted flows from cloudpickle bundles whose
-    functions have no source file.
+    Its files are named by `key`, which holds the code fingerprint as its cached result's key does, so a state
+    left by older code is not resumed by newer code.
     """
-    task_run = TaskRunContext.get()
-    key = input_key(task_run.task.name, task_run.parameters)
-    states = EpochStates(Path(context.output_dir) / "checkpoints" / f"{name}-{key[:16]}")
-    resume = states.load(get_run_logger())
+    states = EpochStates(Path(run.output_dir) / "checkpoints" / f"{name}-{key[:16]}")
+    resume = states.load(logger)
     reopen = (resume["run_id"], resume["epoch"]) if resume else None
-    with tracking.phase_run(context, name, reopen=reopen) as child:
-        yield TrainingPhase(name, context, child, states, resume)
+    with open_child(run, name, reopen=reopen) as child:
+        yield TrainingPhase(name, run, child, states, resume, logger)
 
 
-class EpochStates:
-    """`<stem>.state.pt`, the last epoch's training state, and `<stem>.state.prev.pt`, the one before."""
-
-    def __init__(self, stem: Path):
-        self.stem = stem
-        self.current = stem.with_name(stem.name + ".state.pt")
-        self.previous = stem.with_name(stem.name + ".state.prev.pt")
-
-    def save(self, state: dict) -> None:
-        temporary = write_temporary(state, self.current.parent)
-        if self.current.exists():
-            os.replace(self.current, self.previous)
-        os.replace(temporary, self.current)
-
-    def load(self, logger) -> dict | None:
-        """The newest readable state; an unreadable file is reported by name and skipped."""
-        for path in (self.current, self.previous):
-            if not path.exists():
-                continue
-            try:
-                return torch.load(path, weights_only=True)
-            except Exception as error:  # noqa: BLE001 - truncated or corrupted: any load failure
-                logger.warning("%s: unreadable epoch checkpoint (%s: %s); skipping it", path, type(error).__name__, error)
-        return None
-
-    def clear(self) -> None:
-        for path in (self.current, self.previous):
-            path.unlink(missing_ok=True)
-
-
-def checkpoint_problem(checkpoint: Checkpoint) -> str | None:
-    """Why a recorded checkpoint can't be used (missing, or different bytes), or None when it is intact."""
-    if not Path(checkpoint.path).exists():
-        return f"{checkpoint.path} is missing"
-    actual = file_sha256(checkpoint.path)
-    if actual != checkpoint.sha256:
-        return f"{checkpoint.path} has sha256 {actual[:12]}, not the recorded {checkpoint.sha256[:12]}"
-    return None
-
-
-def load_model(checkpoint: Checkpoint, device: str) -> TwoStageModel:
-    """Rebuild the network and load the checkpoint's weights, after checking the file's sha256."""
-    problem = checkpoint_problem(checkpoint)
-    if problem:
-        raise ValueError(f"{checkpoint.phase} checkpoint unusable: {problem}")
-    model = build_model(checkpoint.model, checkpoint.input_shape, checkpoint.num_classes)
-    model.load_state_dict(torch.load(checkpoint.path, map_location=device, weights_only=True))
-    return model.to(device)
-
-
-def classification_validator(inputs: torch.Tensor, targets: torch.Tensor) -> Validate:
-    """`validate` for the supervised phases: val/loss and val/acc of the model on (inputs, targets)."""
-
-    def validate(model: torch.nn.Module) -> dict[str, float]:
-        loss, accuracy, _ = classification_metrics(model, inputs, targets, batch_size=1024)
-        return {"val/loss": loss, "val/acc": accuracy}
-
-    return validate
-
-
-def best_val_acc(result: FitResult, validate: Validate, model: torch.nn.Module) -> float:
-    """The best epoch's val/acc; with no epochs (`epochs: 0`), the model's as it is."""
-    if not result.history:
-        return validate(model)["val/acc"]
-    return max(stats.val["val/acc"] for stats in result.history)
+def open_phase(name: str, parameters: dict[str, Any]) -> AbstractContextManager[TrainingPhase]:
+    """`training_phase` inside the phase's Prefect task, given the task's parameters: keyed as Prefect caches the
+    task's result, logging through Prefect's run logger."""
+    return training_phase(name, parameters["run"], input_key(name, parameters), get_run_logger())

@@ -26,19 +26,20 @@ class RunContext(Value):
     compile: bool
     output_dir: Path
     checkpoint_every_s: float
+    rerun: str | None = None  # `--rerun PHASE`: that phase and those after it run even if reusable
 
 
 class DataBundle(Value):
-    """Prepared, normalised splits saved by `prepare_data` (a file of uint8 tensors plus statistics)."""
+    """Prepared, normalised splits saved by `prepare_data` (a file of uint8 tensors plus statistics): every
+    image and its label, but not which labels stages 2 and 3 may use (`LabeledSubset`)."""
 
     path: Path
-    fingerprint: str  # raw data, split settings and the labeled subset
-    images_fingerprint: str  # the same without the labeled subset: all that pretraining depends on
+    fingerprint: str  # the raw data and the split settings: all that pretraining depends on
     dataset: str
     source: str
     class_names: list[str]
     input_shape: tuple[int, int, int]
-    sizes: dict[str, int]
+    sizes: dict[str, int]  # train, val, test
     mean: list[float]  # per channel, of pixel values scaled to [0, 1]: what predict must apply too
     std: list[float]
     seconds: float = 0.0
@@ -46,6 +47,14 @@ class DataBundle(Value):
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+
+class LabeledSubset(Value):
+    """Which training labels head and finetune use: a stratified share, drawn by `Splits.labeled`."""
+
+    fraction: float
+    count: int
+    fingerprint: str  # the data's fingerprint and the share
 
 
 class Checkpoint(Value):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from configs.errors import ConfigError
+from configs.errors import UserError
 from configs.loader import flatten, load_config, to_yaml, validate_config
 from configs.schema import PipelineConfig
 
@@ -42,19 +42,19 @@ def test_mnist_config_is_the_reference_experiment():
 
 def test_unknown_config_key_is_rejected_with_its_name(tmp_path):
     path = write(tmp_path, "finetune:\n  epoch: 3\n")
-    with pytest.raises(ConfigError, match=r"unknown key 'finetune.epoch'; valid keys here: epochs, batch_size"):
+    with pytest.raises(UserError, match=r"unknown key 'finetune.epoch'; valid keys here: epochs, batch_size"):
         load_config(path)
 
 
 def test_invalid_value_is_rejected_with_key_and_value(tmp_path):
     path = write(tmp_path, "pretrain:\n  optimizer:\n    lr: -1\n")
-    with pytest.raises(ConfigError, match=r"invalid value for 'pretrain.optimizer.lr': .*greater than 0.*got -1"):
+    with pytest.raises(UserError, match=r"invalid value for 'pretrain.optimizer.lr': .*greater than 0.*got -1"):
         load_config(path)
 
 
 def test_errors_are_one_line(tmp_path):
     path = write(tmp_path, "head:\n  epochs: -1\n  batch_size: nope\n")
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(UserError) as caught:
         load_config(path)
     assert "\n" not in str(caught.value)
     assert "and 1 more problem" in str(caught.value)
@@ -69,28 +69,28 @@ def test_overrides_are_merged_before_validation_with_yaml_types(tmp_path):
 
 
 def test_override_of_unknown_key_is_rejected_with_its_name(tmp_path):
-    with pytest.raises(ConfigError, match="unknown key 'finetune.epoch'"):
+    with pytest.raises(UserError, match="unknown key 'finetune.epoch'"):
         load_config(write(tmp_path, "{}"), ["finetune.epoch=3"])
 
 
 def test_malformed_override_says_the_expected_form(tmp_path):
-    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+    with pytest.raises(UserError, match="expected KEY=VALUE"):
         load_config(write(tmp_path, "{}"), ["finetune.epochs"])
 
 
 def test_unreadable_yaml_names_the_file_and_line(tmp_path):
     path = write(tmp_path, "data:\n  dataset: [digits\n")
-    with pytest.raises(ConfigError, match=r"config.yaml: line \d+ is not valid YAML"):
+    with pytest.raises(UserError, match=r"config.yaml: line \d+ is not valid YAML"):
         load_config(path)
 
 
 def test_missing_file_is_named(tmp_path):
-    with pytest.raises(ConfigError, match="nope.yaml: cannot read config"):
+    with pytest.raises(UserError, match="nope.yaml: cannot read config"):
         load_config(tmp_path / "nope.yaml")
 
 
 def test_image_folder_requires_its_directory():
-    with pytest.raises(ConfigError, match="data.image_folder must be set"):
+    with pytest.raises(UserError, match="data.image_folder must be set"):
         validate_config({"data": {"dataset": "image_folder"}})
 
 
@@ -113,5 +113,5 @@ def test_resolved_yaml_round_trips():
 
 
 def test_contrastive_pretraining_without_augmentation_is_rejected_naming_the_fix():
-    with pytest.raises(ConfigError, match="pretrain.objective contrastive .* set pretrain.augment"):
+    with pytest.raises(UserError, match="pretrain.objective contrastive .* set pretrain.augment"):
         validate_config({"pretrain": {"objective": "contrastive"}})

@@ -9,7 +9,8 @@ from PIL import Image
 
 from configs.schema import DataConfig
 from conftest import tiny_mnist
-from tasks.data import DataNotFoundError, load_splits, prepare, stratified_subset
+from tasks.data import label_subset, load_splits, prepare, stratified_subset
+from tasks.sources import DataNotFoundError
 
 
 def test_digits_splits_are_deterministic_stratified_and_disjoint(tmp_path):
@@ -36,19 +37,37 @@ def test_training_split_is_normalised_to_zero_mean_unit_std(tmp_path):
 
 def test_label_fraction_keeps_a_stratified_subset_and_pretraining_keeps_every_image(tmp_path):
     bundle = prepare(DataConfig(dataset="digits", root=tmp_path, label_fraction=0.1))
+    labeled = label_subset(bundle, 0.1)
     splits = load_splits(bundle, "cpu")
-    assert bundle.sizes["labeled"] == pytest.approx(0.1 * bundle.sizes["train"], abs=10)
+    assert labeled.count == pytest.approx(0.1 * bundle.sizes["train"], abs=10)
     assert len(splits.train_x) == bundle.sizes["train"]
-    counts = torch.bincount(splits.train_y[splits.labeled], minlength=10)
+    chosen = splits.labeled_indices(0.1)
+    counts = torch.bincount(splits.train_y[chosen], minlength=10)
     assert counts.min() >= 10 and counts.max() <= 15
-    images, labels = splits.labeled_train()
-    assert torch.equal(images, splits.train_x[splits.labeled]) and torch.equal(labels, splits.train_y[splits.labeled])
+    images, labels = splits.labeled(labeled)
+    assert torch.equal(images, splits.train_x[chosen]) and torch.equal(labels, splits.train_y[chosen])
 
 
 def test_with_every_label_the_labeled_training_set_is_the_training_tensors_themselves(tmp_path):
-    splits = load_splits(prepare(DataConfig(dataset="digits", root=tmp_path)), "cpu")
-    images, labels = splits.labeled_train()
+    bundle = prepare(DataConfig(dataset="digits", root=tmp_path))
+    splits = load_splits(bundle, "cpu")
+    images, labels = splits.labeled(label_subset(bundle, 1.0))
     assert images is splits.train_x and labels is splits.train_y  # no 54,000-image copy per phase
+
+
+def test_every_data_set_the_config_accepts_has_a_source():
+    from typing import get_args
+
+    from configs.schema import DatasetName
+    from tasks.sources import SOURCES
+
+    assert set(SOURCES) == set(get_args(DatasetName))
+
+
+def test_one_prepared_file_serves_every_share_of_the_labels(tmp_path):
+    shares = [prepare(DataConfig(dataset="digits", root=tmp_path, label_fraction=f)) for f in (0.1, 1.0)]
+    assert shares[0].path == shares[1].path and shares[0].fingerprint == shares[1].fingerprint
+    assert label_subset(shares[0], 0.1).fingerprint != label_subset(shares[0], 1.0).fingerprint
 
 
 def test_stratified_subset_takes_at_least_one_of_each_class():

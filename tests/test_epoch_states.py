@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from tasks.phase import EpochStates
+from tasks.epoch_states import EpochStates
 
 
 def test_save_keeps_the_previous_state_and_load_returns_the_newest(tmp_path):

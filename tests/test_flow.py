@@ -12,9 +12,10 @@ from mlflow.tracking import MlflowClient
 from configs.loader import load_config, validate_config
 from configs.schema import PretrainConfig
 from conftest import REPO, isolated_workdir, tiny_config
-from flows.two_stage import local_run_settings, two_stage, with_retries
-from tasks.data import DataNotFoundError
+from flows.runner import with_retries
+from flows.two_stage import local_run_settings, two_stage
 from tasks.pretrain import pretrain
+from tasks.sources import DataNotFoundError
 
 PHASES = ["data", "pretrain", "head", "finetune", "evaluate"]
 

@@ -31,7 +31,7 @@ try:
     raise SystemExit("a contrastive config without augmentation was accepted")
 except ValueError as error:
     assert "contrastive compares two augmentations" in str(error)
-helpers = flow.fn.__globals__
+helpers = flow.fn.__globals__["pipeline"].__wrapped__.__globals__  # flows/runner.py's, rebuilt by value
 device = helpers["resolve_device"](config.device)
 print(flow.name, config.name, device, helpers["resolve_amp"](config.amp, device).enabled in (True, False))
 """

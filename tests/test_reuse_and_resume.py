@@ -68,11 +68,11 @@ def test_changing_a_phase_config_reruns_it_and_what_follows_but_nothing_before(p
 def test_changed_training_code_reruns_every_phase_instead_of_reusing_what_the_old_code_made(
     prefect_server, workdir, monkeypatch
 ):
-    import tasks.phase
+    import tasks.keys
 
     config = validate_config(tiny_config())
     two_stage(config)
-    monkeypatch.setattr(tasks.phase, "CODE_FINGERPRINT", tasks.phase.CODE_FINGERPRINT[::-1])  # as after an edit
+    monkeypatch.setattr(tasks.keys, "CODE_FINGERPRINT", tasks.keys.CODE_FINGERPRINT[::-1])  # as after an edit
     changed = two_stage(config)
     assert sorted(children(MlflowClient(), changed.pipeline_run_id)) == ["data", "evaluate", "finetune", "head", "pretrain"]
 
@@ -81,7 +81,7 @@ def test_the_code_fingerprint_changes_with_any_module_of_models_or_tasks(tmp_pat
     import shutil
 
     from conftest import REPO
-    from tasks.phase import CODE_FINGERPRINT, code_fingerprint
+    from tasks.keys import CODE_FINGERPRINT, code_fingerprint
 
     for package in ("models", "tasks"):
         shutil.copytree(REPO / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))

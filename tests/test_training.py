@@ -9,24 +9,16 @@ from torch import nn
 from configs.schema import (
     AugmentConfig,
     EarlyStoppingConfig,
+    FinetuneConfig,
     ModelConfig,
     OptimizerConfig,
     SchedulerConfig,
     TrainConfig,
 )
+from models.evaluation import classification_metrics, encode, reconstruction_error
 from models.networks import build_model
 from models.objectives import augment_batch, classification_loss, inverse_frequency_weights, reconstruction_loss
-from models.training import (
-    NonFiniteLossError,
-    classification_metrics,
-    encode,
-    fit,
-    freeze,
-    make_optimizer,
-    make_scheduler,
-    reconstruction_error,
-    train_mode,
-)
+from models.training import NonFiniteLossError, fit, freeze, make_optimizer, make_scheduler, train_mode
 from tasks.finetune import param_groups
 
 
@@ -135,7 +127,8 @@ def test_head_on_cached_features_matches_training_through_the_frozen_encoder():
 
 def test_finetune_gives_encoder_a_lower_lr_than_head():
     model = build_model(ModelConfig(), (1, 8, 8), 4)
-    optimizer = make_optimizer(param_groups(model, 0.1), OptimizerConfig(lr=1e-3))
+    config = FinetuneConfig(encoder_lr_ratio=0.1, optimizer=OptimizerConfig(lr=1e-3))
+    optimizer = make_optimizer(param_groups(model, config), config.optimizer)
     head_group, encoder_group = optimizer.param_groups
     assert head_group["lr"] == pytest.approx(1e-3)
     assert encoder_group["lr"] == pytest.approx(1e-4)

@@ -1,4 +1,5 @@
-"""MLflow, and only here: one parent run per pipeline run, one child run per phase.
+"""The lifecycle and writes of MLflow runs: one parent run per pipeline run, one child run per phase, and the
+reaper of runs whose process died.
 
 Run ids are always passed explicitly through `MlflowClient` (MLflow's active run is thread-local, and
 Prefect may run tasks on other threads). Metrics go in batch calls: a training phase sends the epochs since its
@@ -7,7 +8,6 @@ last epoch state in one call (every epoch, when epochs are longer than `checkpoi
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import socket
@@ -25,31 +25,14 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from prefect import get_run_logger
 
-from configs.errors import ConfigError
 from configs.loader import flatten, to_yaml
 from configs.schema import PipelineConfig, fingerprint
 from tasks import plots
 from tasks.results import Checkpoint, RunContext
-
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store
-
-
-def tracking_uri() -> str:
-    """`MLFLOW_TRACKING_URI` when set, else a sqlite store in the working directory."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
-def run_url(experiment_id: str, run_id: str) -> str:
-    """The run's page: on the tracking server, or on `mlflow ui` for a local store."""
-    uri = tracking_uri()
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else MLFLOW_UI
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
-
-
-@functools.cache
-def _client(uri: str) -> MlflowClient:
-    return MlflowClient(tracking_uri=uri)
+from tasks.tracking import registry
+from tasks.tracking.history import metric_history
+from tasks.tracking.store import client as store_client
+from tasks.tracking.store import tracking_uri
 
 
 def _git_commit() -> str:
@@ -61,17 +44,20 @@ def _git_commit() -> str:
 
 
 @contextmanager
-def pipeline_run(config: PipelineConfig, flow_run_id: str | None, device: str, amp: bool) -> Iterator[RunContext]:
+def pipeline_run(
+    config: PipelineConfig, flow_run_id: str | None, device: str, amp: bool, rerun: str | None = None
+) -> Iterator[RunContext]:
     """Open the parent run: tags, the flattened config as params, the resolved config as an artifact.
 
-    device and amp: as resolved on this machine (the config may say "auto"); tagged, and handed to the phases.
+    device and amp: as resolved on this machine (the config may say "auto"); tagged, and handed to the phases with
+    `rerun` (`--rerun PHASE`).
 
     The run ends FINISHED, FAILED (an exception) or KILLED (Ctrl-C), never left RUNNING.
     """
     started = time.perf_counter()
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
-    client = _client(uri)
+    client = store_client(uri)
     experiment = client.get_experiment_by_name(config.name)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.name)
     abandoned = _mark_abandoned_runs_killed(client, experiment_id)
@@ -105,6 +91,7 @@ def pipeline_run(config: PipelineConfig, flow_run_id: str | None, device: str, a
             compile=config.compile,
             output_dir=config.output_dir.resolve(),  # absolute: reused results must not depend on the cwd
             checkpoint_every_s=config.checkpoint_every_s,
+            rerun=rerun,
         )
         client.log_metric(run_id, "time/total_s", time.perf_counter() - started)
 
@@ -122,7 +109,7 @@ class PhaseRun:
     def __init__(self, context: RunContext, run_id: str):
         self.context = context
         self.run_id = run_id
-        self.client = _client(context.tracking_uri)
+        self.client = store_client(context.tracking_uri)
         self.started = time.perf_counter()
 
     def log_params(self, params: dict) -> None:
@@ -201,31 +188,8 @@ class PhaseRun:
         return info.model_uri, version
 
     def promote(self, name: str, version: str, metric: str, value: float, min_improvement: float) -> str:
-        """Move alias `champion` to this version if it beats the champion's `metric` by at least
-        `min_improvement` (lower is better for losses); else give it alias `challenger`.
-
-        Returns the decision in words, with both numbers; it is also logged on this run.
-        """
-        champion = _champion(self.client, name)
-        best = champion.tags.get(metric) if champion else None
-        if best is None:  # no champion yet, or one set by hand without this metric
-            self.client.set_registered_model_alias(name, "champion", version)
-            before = f"version {champion.version} had no {metric}" if champion else "there was none"
-            decision = f"version {version} is the champion of {name} ({metric} {value:.4f}; {before})"
-        else:
-            best = float(best)
-            gain = best - value if "loss" in metric else value - best
-            if gain > 0 and gain >= min_improvement:
-                self.client.set_registered_model_alias(name, "previous-champion", champion.version)
-                self.client.set_registered_model_alias(name, "champion", version)
-                verdict = "is the new champion"
-            else:
-                self.client.set_registered_model_alias(name, "challenger", version)
-                verdict = "stays challenger"
-            decision = (
-                f"version {version} {verdict} of {name}: {metric} {value:.4f} against champion version "
-                f"{champion.version}'s {best:.4f} (min_improvement {min_improvement})"
-            )
+        """The registry's decision for this version (tasks/tracking/registry.py), tagged on this run and the parent."""
+        decision = registry.promote(self.client, name, version, metric, value, min_improvement)
         self.client.set_tag(self.run_id, "twostage.registry_decision", decision)
         self.client.set_tag(self.context.parent_run_id, "twostage.registry_decision", decision)
         return decision
@@ -238,7 +202,7 @@ def phase_run(context: RunContext, phase: str, reopen: tuple[str, int] | None = 
     `reopen` = (run id, epoch): continue the child run of an interrupted attempt that saved that epoch,
     now under this pipeline's parent run.
     """
-    client = _client(context.tracking_uri)
+    client = store_client(context.tracking_uri)
     tags = {"mlflow.parentRunId": context.parent_run_id, "twostage.phase": phase, **_process_tags()}
     run_id = _reopen(client, reopen[0], context.experiment_id) if reopen else None
     if run_id:
@@ -263,20 +227,17 @@ def _reopen(client: MlflowClient, run_id: str, experiment_id: str) -> str | None
 
 def log_pipeline_curves(context: RunContext, phase_run_ids: dict[str, str]) -> None:
     """One figure on the parent run with the loss curves of every training phase (reused ones too)."""
-    client = _client(context.tracking_uri)
     histories = {
-        phase: {
-            name: sorted((m.step, m.value) for m in client.get_metric_history(run_id, name))
-            for name in ("train/loss", "val/loss")
-        }
+        phase: {name: metric_history(run_id, name, context.tracking_uri) for name in ("train/loss", "val/loss")}
         for phase, run_id in phase_run_ids.items()
     }
-    client.log_figure(context.parent_run_id, plots.pipeline_curves(histories), "loss_curves.png")
+    store_client(context.tracking_uri).log_figure(context.parent_run_id, plots.pipeline_curves(histories),
+                                                 "loss_curves.png")
 
 
 def record_reuse(context: RunContext, phase: str, checkpoint: Checkpoint) -> None:
     """A phase reused from an earlier flow run gets no child run: tag the parent with the one that made it."""
-    client = _client(context.tracking_uri)
+    client = store_client(context.tracking_uri)
     client.set_tag(context.parent_run_id, f"twostage.reused.{phase}", checkpoint.run_id)
     stamp = int(time.time() * 1000)
     metrics = [Metric(name, value, stamp, 0) for name, value in checkpoint.metrics.items()]
@@ -328,84 +289,3 @@ def _log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> No
     items = [Param(key, value) for key, value in params.items()]
     for start in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
         client.log_batch(run_id, params=items[start : start + 100])
-
-
-# ------------------------------------------------------------- reading runs back (compare, predict)
-
-
-@dataclass
-class PipelineRunRecord:
-    run_id: str
-    name: str
-    start_time_ms: int
-    params: dict[str, str]
-    metrics: dict[str, float]
-    tags: dict[str, str]
-
-
-def pipeline_runs(experiment_name: str, last: int | None = None) -> list[PipelineRunRecord]:
-    """The experiment's finished pipeline (parent) runs, newest first; [] when there is no such experiment."""
-    client = _client(tracking_uri())
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is None:
-        return []
-    runs = client.search_runs(
-        [experiment.experiment_id], filter_string="attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=5000,
-    )
-    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags][:last]
-    return [
-        PipelineRunRecord(run.info.run_id, run.info.run_name, run.info.start_time, run.data.params,
-                          run.data.metrics, run.data.tags)
-        for run in parents
-    ]
-
-
-def phase_run_id(pipeline: PipelineRunRecord, phase: str) -> str | None:
-    """The child run that produced `phase` for this pipeline run: its own, or the reused one."""
-    client = _client(tracking_uri())
-    experiment_id = client.get_run(pipeline.run_id).info.experiment_id
-    children = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{pipeline.run_id}' and tags.`twostage.phase` = '{phase}'",
-    )
-    return children[0].info.run_id if children else pipeline.tags.get(f"twostage.reused.{phase}")
-
-
-def metric_history(run_id: str, name: str) -> list[tuple[int, float]]:
-    return sorted((m.step, m.value) for m in _client(tracking_uri()).get_metric_history(run_id, name))
-
-
-def _champion(client: MlflowClient, model_name: str):
-    """The model version holding alias `champion`, or None when the model or the alias does not exist."""
-    try:
-        aliases = client.get_registered_model(model_name).aliases
-    except MlflowException as error:
-        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None
-        raise
-    return client.get_model_version(model_name, aliases["champion"]) if "champion" in aliases else None
-
-
-def champion_pipeline_run(model_name: str) -> str | None:
-    """The pipeline run whose model holds alias `champion` of `model_name`, if any."""
-    version = _champion(_client(tracking_uri()), model_name)
-    return version.tags.get("twostage.pipeline_run_id") if version else None
-
-
-class ModelNotFoundError(ConfigError):
-    """No model at the URI given: the message names it and the tracking store."""
-
-
-def load_classifier(model_uri: str):
-    """A logged classifier by any MLflow model URI: (pyfunc model, the twostage metadata logged with it).
-
-    Raises:
-        ModelNotFoundError: nothing at that URI (one line, naming it).
-    """
-    mlflow.set_tracking_uri(tracking_uri())
-    try:
-        model = mlflow.pyfunc.load_model(model_uri)
-    except (MlflowException, OSError) as error:
-        raise ModelNotFoundError(f"no model at {model_uri} in {tracking_uri()} ({str(error).splitlines()[0]})") from None
-    return model, (model.metadata.metadata or {}).get("twostage", {})

@@ -1,0 +1,90 @@
+"""The plumbing around the flow's five phase calls: the MLflow parent run, each phase's Prefect retries, reuse of a
+phase an earlier flow run completed, `--rerun`, and the flow run's summary.
+
+    with pipeline(config, rerun) as step:
+        pretrained = step(pretrain, config.pretrain, config.model, data)
+
+`step(task, phase_config, *inputs)` runs the task (named for its phase) with the retries its phase config sets,
+then the run context as its last argument. A training phase whose result Prefect finds cached is reused when its
+checkpoint is intact, else trained again; `--rerun PHASE` refreshes that phase's cache and every later one's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from prefect import Task, get_run_logger, runtime
+
+from configs.errors import UserError
+from configs.schema import PHASES, Phase, PipelineConfig
+from flows.summary import publish_summary
+from models.device import resolve_amp, resolve_device
+from tasks import tracking
+from tasks.checkpoints import checkpoint_problem
+from tasks.results import RunContext
+from tasks.sources import DownloadFailedError
+
+
+def retry_unless_user_error(task, task_run, state) -> bool:
+    """Prefect's retry condition: retrying cannot fix a bad config or missing data, so don't;
+    a failed download may work the next time."""
+    error = state.result(raise_on_failure=False)
+    return not isinstance(error, UserError) or isinstance(error, DownloadFailedError)
+
+
+def with_retries(task: Task, phase_config) -> Task:
+    return task.with_options(
+        retries=phase_config.retries,
+        retry_delay_seconds=phase_config.retry_delay_s,
+        retry_condition_fn=retry_unless_user_error,
+    )
+
+
+def forced(phase: str, rerun: Phase | None) -> bool:
+    """`--rerun PHASE` forces that phase and every phase after it."""
+    return rerun is not None and PHASES.index(phase) >= PHASES.index(rerun)
+
+
+class Steps:
+    """Runs the phases of one pipeline run, keeping what each returned for the summary."""
+
+    def __init__(self, run: RunContext):
+        self.run = run
+        self.results: dict[str, Any] = {}
+
+    def __call__(self, task: Task, phase_config, *inputs):
+        phase = task.name
+        configured = with_retries(task, phase_config).with_options(refresh_cache=forced(phase, self.run.rerun) or None)
+        state = configured(phase_config, *inputs, self.run, return_state=True)
+        result = state.result()
+        if state.name == "Cached":
+            result = self._reuse(phase, configured, result, (phase_config, *inputs, self.run))
+        self.results[phase] = result
+        return result
+
+    def _reuse(self, phase: str, configured: Task, checkpoint, arguments: tuple):
+        """A cached phase's checkpoint, when intact; else the phase trained again."""
+        problem = checkpoint_problem(checkpoint)
+        if problem:
+            get_run_logger().warning("%s: the reusable result's checkpoint %s; running the phase again", phase, problem)
+            return configured.with_options(refresh_cache=True)(*arguments)
+        tracking.record_reuse(self.run, phase, checkpoint)
+        get_run_logger().info(
+            "%s: reused the completed phase of MLflow run %s (%s)", phase, checkpoint.run_id, checkpoint.path
+        )
+        return checkpoint.model_copy(update={"reused": True})
+
+
+@contextmanager
+def pipeline(config: PipelineConfig, rerun: Phase | None = None) -> Iterator[Steps]:
+    """The parent run of one pipeline run (device and amp resolved on this machine), and its phases' runner;
+    on success, the summary in Prefect and the loss curves in MLflow."""
+    device = resolve_device(config.device)
+    amp = resolve_amp(config.amp, device)
+    (get_run_logger().warning if amp.warning else get_run_logger().info)(amp.message)
+    with tracking.pipeline_run(config, runtime.flow_run.id, device, amp.enabled, rerun) as run:
+        steps = Steps(run)
+        yield steps
+        publish_summary(run, steps.results)

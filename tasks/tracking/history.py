@@ -1,0 +1,80 @@
+"""Reading runs back: the pipeline runs of an experiment (compare), metric histories, logged models (predict)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlflow
+from mlflow.exceptions import MlflowException
+
+from configs.errors import UserError
+from tasks.tracking.registry import champion_version
+from tasks.tracking.store import client, tracking_uri
+
+
+@dataclass
+class PipelineRunRecord:
+    run_id: str
+    name: str
+    start_time_ms: int
+    params: dict[str, str]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+
+
+def pipeline_runs(experiment_name: str, last: int | None = None) -> list[PipelineRunRecord]:
+    """The experiment's finished pipeline (parent) runs, newest first; [] when there is no such experiment."""
+    store = client(tracking_uri())
+    experiment = store.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return []
+    runs = store.search_runs(
+        [experiment.experiment_id], filter_string="attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=5000,
+    )
+    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags][:last]
+    return [
+        PipelineRunRecord(run.info.run_id, run.info.run_name, run.info.start_time, run.data.params,
+                          run.data.metrics, run.data.tags)
+        for run in parents
+    ]
+
+
+def phase_run_id(pipeline: PipelineRunRecord, phase: str) -> str | None:
+    """The child run that produced `phase` for this pipeline run: its own, or the reused one."""
+    store = client(tracking_uri())
+    experiment_id = store.get_run(pipeline.run_id).info.experiment_id
+    children = store.search_runs(
+        [experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{pipeline.run_id}' and tags.`twostage.phase` = '{phase}'",
+    )
+    return children[0].info.run_id if children else pipeline.tags.get(f"twostage.reused.{phase}")
+
+
+def metric_history(run_id: str, name: str, uri: str | None = None) -> list[tuple[int, float]]:
+    """(step, value) of `name` in the run, by step."""
+    return sorted((m.step, m.value) for m in client(uri or tracking_uri()).get_metric_history(run_id, name))
+
+
+def champion_pipeline_run(model_name: str) -> str | None:
+    """The pipeline run whose model holds alias `champion` of `model_name`, if any."""
+    version = champion_version(client(tracking_uri()), model_name)
+    return version.tags.get("twostage.pipeline_run_id") if version else None
+
+
+class ModelNotFoundError(UserError):
+    """No model at the URI given: the message names it and the tracking store."""
+
+
+def load_classifier(model_uri: str):
+    """A logged classifier by any MLflow model URI: (pyfunc model, the twostage metadata logged with it).
+
+    Raises:
+        ModelNotFoundError: nothing at that URI (one line, naming it).
+    """
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except (MlflowException, OSError) as error:
+        raise ModelNotFoundError(f"no model at {model_uri} in {tracking_uri()} ({str(error).splitlines()[0]})") from None
+    return model, (model.metadata.metadata or {}).get("twostage", {})
