@@ -20,13 +20,15 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
     """
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except OSError as error:
         raise UserError(f"{path}: cannot read config ({error.strerror}); pass an existing file with -c") from None
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         line = f" line {where.line + 1}" if where else ""
         raise UserError(f"{path}:{line} is not valid YAML ({getattr(error, 'problem', error)})") from None
+    if raw is None:
+        raise UserError(f"{path}: the config file is empty; start from configs/quickstart.yaml (every key has a default)")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: the top level must be a mapping of keys such as data:, pretrain:, head:")
     for override in overrides:
@@ -75,7 +77,13 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
         if not isinstance(child, dict):
             raise UserError(f"--set {override!r}: '{part}' is a value, not a section")
         node = child
-    node[leaf] = yaml.safe_load(text) if text else ""
+    try:
+        node[leaf] = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError as error:
+        raise UserError(
+            f"--set {override!r}: {text!r} is not a YAML value ({getattr(error, 'problem', None) or 'unreadable'}); "
+            "quote it whole in the shell, e.g. --set 'model.encoder_widths=[256,128]'"
+        ) from None
 
 
 def to_yaml(config: PipelineConfig) -> str:

@@ -149,6 +149,12 @@ class EvalConfig(StrictModel):
     min_improvement: NonNegativeFloat = Field(
         0.0, description="A new version becomes champion when strictly better by at least this much."
     )
+    min_metric: float | None = Field(
+        None,
+        description="No version whose promote_metric is not strictly better than this gets an alias. None: chance, "
+        "i.e. test/acc above the majority class's share of the test set, test/f1_macro above 1/classes, test/loss "
+        "below ln(classes) (uniform predictions).",
+    )
     retries: NonNegativeInt = 1
     retry_delay_s: NonNegativeFloat = 0.0
 

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import signal
 import sys
-import threading
 from pathlib import Path
 
 from configs.errors import UserError
@@ -22,9 +19,22 @@ from flows.prefect_defaults import set_prefect_defaults
 DEFAULT_CONFIG = "configs/quickstart.yaml"
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """Usage mistakes end as every other bad input does: one line, exit 2 (argparse prints the usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"twostage: error: {message}; see {self.prog} --help\n")
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="twostage", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineErrors(prog="twostage", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrors)
     run = commands.add_parser("run", help="run the pipeline once (Prefect's ephemeral server unless PREFECT_API_URL is set)")
     serve = commands.add_parser("serve", help="serve the pipeline on a cron schedule from a Prefect server")
     for command in (run, serve):
@@ -42,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     compare = commands.add_parser("compare", help="compare an experiment's pipeline runs; writes compare.png")
     compare.add_argument("-e", "--experiment", default="quickstart", help="MLflow experiment (default: quickstart)")
     compare.add_argument("--metric", default="test/acc", help="sort and chart by this metric (default: test/acc)")
-    compare.add_argument("--last", type=int, metavar="N", help="only the N newest runs")
+    compare.add_argument("--last", type=positive_int, metavar="N", help="only the N newest runs")
     compare.add_argument("--out", default="compare", type=Path, metavar="DIR", help="folder for compare.png")
     predict = commands.add_parser("predict", help="classify image files with a registered model")
     predict.add_argument("images", nargs="+", metavar="IMAGE")
@@ -74,11 +84,20 @@ def run_pipeline(config_path: str, overrides: list[str], rerun: str | None = Non
 
     resolve_device(config.device)  # fail before any run is opened if the device is missing
 
+    from flows.interrupts import start_ephemeral_server_shielded, stop_on_signals
     from flows.two_stage import run_here  # imports Prefect, MLflow and torch: only once the config is valid
-    from tasks.tracking import run_url, tracking_uri
+    from tasks.tracking import open_store, run_url, tracking_uri
 
+    open_store(tracking_uri())  # a bad URI, an MLflow server that is down, a broken store: say so now, in one line
     _hide_tracebacks_of_user_errors()
-    report = run_here(config, rerun=rerun)
+    with stop_on_signals() as stopped:
+        try:
+            start_ephemeral_server_shielded()
+            report = run_here(config, rerun=rerun)
+        except KeyboardInterrupt:
+            print(f"twostage: stopped by {stopped.name}; the MLflow runs are marked KILLED and nothing was registered. "
+                  "Run the same command to resume after the last saved epoch.", file=sys.stderr)
+            return stopped.exit_code
     metrics = "  ".join(f"{name} {value:.4f}" for name, value in report.metrics.items())
     uri = tracking_uri()
     print(f"\nModel registry: {report.promotion}")
@@ -114,9 +133,10 @@ def serve_pipeline(config_path: str, overrides: list[str], cron: str, name: str 
         )
     from prefect.deployments.runner import EntrypointType
 
+    from flows.interrupts import stop_serving_on_ctrl_c
     from flows.two_stage import two_stage
 
-    _stop_on_ctrl_c(grace_s=30)
+    stop_serving_on_ctrl_c(grace_s=30)
     try:
         two_stage.serve(
             name=name or config.name,
@@ -128,29 +148,6 @@ def serve_pipeline(config_path: str, overrides: list[str], cron: str, name: str 
     except KeyboardInterrupt:
         print("twostage serve: stopped", file=sys.stderr)
     return 0
-
-
-def _stop_on_ctrl_c(grace_s: float) -> None:
-    """Make one Ctrl-C stop `serve` within `grace_s` seconds.
-
-    asyncio turns a first Ctrl-C into a cancellation of Prefect's runner, which Prefect's runner swallows and
-    goes on serving: 3.8 did on a loaded machine, 3.9.1 every time (6 of 6 serves still running 60 s after
-    Ctrl-C, idle or loaded). Instead the first Ctrl-C raises KeyboardInterrupt at once, Prefect pauses the
-    schedule and shuts down (1.6-1.8 s here), and a timer ends the process if that shutdown stalls.
-    Flow runs started by the runner are processes of their own: they get the same Ctrl-C from the terminal.
-    """
-
-    def force_exit() -> None:
-        print(f"twostage serve: Prefect's shutdown took over {grace_s:.0f} s; stopping now", file=sys.stderr, flush=True)
-        os._exit(0)
-
-    def interrupt(signum, frame):
-        timer = threading.Timer(grace_s, force_exit)
-        timer.daemon = True
-        timer.start()
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, interrupt)
 
 
 def _mlflow_command() -> str:

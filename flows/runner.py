@@ -11,6 +11,7 @@ checkpoint is intact, else trained again; `--rerun PHASE` refreshes that phase's
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -23,8 +24,10 @@ from flows.summary import publish_summary
 from models.device import resolve_amp, resolve_device
 from tasks import tracking
 from tasks.checkpoints import checkpoint_problem
-from tasks.results import RunContext
+from tasks.keys import input_key
+from tasks.results import Checkpoint, RunContext
 from tasks.sources import DownloadFailedError
+from tasks.storage import check_stored_result, phase_locks, result_storage
 
 
 def retry_unless_user_error(task, task_run, state) -> bool:
@@ -55,14 +58,29 @@ class Steps:
         self.results: dict[str, Any] = {}
 
     def __call__(self, task: Task, phase_config, *inputs):
-        phase = task.name
+        phase, arguments = task.name, (phase_config, *inputs, self.run)
         configured = with_retries(task, phase_config).with_options(refresh_cache=forced(phase, self.run.rerun) or None)
-        state = configured(phase_config, *inputs, self.run, return_state=True)
+        if task.persist_result:  # a training phase: its result is kept for later runs to reuse
+            configured = self._persisted(configured, arguments)
+        state = configured(*arguments, return_state=True)
         result = state.result()
         if state.name == "Cached":
-            result = self._reuse(phase, configured, result, (phase_config, *inputs, self.run))
+            result = self._reuse(phase, configured, result, arguments)
         self.results[phase] = result
         return result
+
+    def _persisted(self, task: Task, arguments: tuple) -> Task:
+        """Results as JSON under the run's output_dir; one process at a time trains a key, the others then reuse its
+        result. A stored result that is not a JSON record of a checkpoint is moved aside, and the phase runs."""
+        output_dir = self.run.output_dir
+        key = input_key(task.name, inspect.signature(task.fn).bind(*arguments).arguments)  # as Prefect caches it
+        problem = check_stored_result(output_dir, key)
+        if problem:
+            get_run_logger().warning("%s: the stored result %s; running the phase again", task.name, problem)
+        return task.with_options(
+            result_storage=result_storage(output_dir), result_serializer="json",
+            cache_policy=task.cache_policy.configure(lock_manager=phase_locks(output_dir), isolation_level="SERIALIZABLE"),
+        )
 
     def _reuse(self, phase: str, configured: Task, checkpoint, arguments: tuple):
         """A cached phase's checkpoint, when intact; else the phase trained again."""
@@ -74,7 +92,10 @@ class Steps:
         get_run_logger().info(
             "%s: reused the completed phase of MLflow run %s (%s)", phase, checkpoint.run_id, checkpoint.path
         )
-        return checkpoint.model_copy(update={"reused": True})
+        # Rebuilt from its fields: Prefect decodes a stored result into the classes of `tasks.results` as imported,
+        # while a run from a bundle (Prefect 3.9 pickles our modules by value) uses the bundle's own copies, and
+        # pydantic refuses a field whose value is an instance of the other copy.
+        return Checkpoint.model_validate(checkpoint.model_dump() | {"reused": True})
 
 
 @contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,7 @@ def prepare_data(config: DataConfig, run: RunContext) -> tuple[DataBundle, Label
     """Data phase: the prepared splits' file and fingerprint, and the labeled subset (runs every time: it notices
     fresh data)."""
     with tracking.phase_run(run, "data") as child:
-        bundle = prepare(config, rebuild=run.rerun == "data")
+        bundle = prepare(config, rebuild=run.rerun == "data", logger=get_run_logger())
         labeled = label_subset(bundle, config.label_fraction)
         bundle = bundle.model_copy(update={"seconds": time.perf_counter() - child.started})
         sizes = {**bundle.sizes, "labeled": labeled.count}
@@ -72,13 +73,19 @@ def prepare_data(config: DataConfig, run: RunContext) -> tuple[DataBundle, Label
         return bundle, labeled
 
 
-def prepare(config: DataConfig, rebuild: bool = False) -> DataBundle:
-    """Return the prepared splits for `config`, from the cache when it holds them (unless `rebuild`)."""
+def prepare(config: DataConfig, rebuild: bool = False, logger: logging.Logger | None = None) -> DataBundle:
+    """Return the prepared splits for `config`, from the cache when it holds them (unless `rebuild`); an unreadable
+    cache file is named in a warning and rebuilt."""
     key = fingerprint(_content_settings(config), _folder_listing(config))
     path = Path(config.root) / "prepared" / f"{config.dataset}-{key[:16]}.pt"
     if path.exists() and not rebuild:
-        saved = torch.load(path, weights_only=True)
-        return _bundle(path, saved, source=f"cache {path}")
+        try:
+            return _bundle(path, torch.load(path, weights_only=True), source=f"cache {path}")
+        except Exception as error:  # noqa: BLE001 - truncated, corrupted, or not ours: any failure means rebuild
+            (logger or logging.getLogger(__name__)).warning(
+                "%s: unreadable prepared data (%s: %s); rebuilding it", path, type(error).__name__,
+                str(error).strip().splitlines()[0][:200] if str(error).strip() else "",
+            )
     raw = load_raw(config)
     saved = _split(raw, config)
     save_atomically(saved, path)

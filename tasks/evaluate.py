@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import time
 
+import numpy as np
 from prefect import get_run_logger, task
 from sklearn import metrics as sk_metrics
 
@@ -13,6 +15,8 @@ from tasks import plots, tracking
 from tasks.checkpoints import load_model
 from tasks.data import load_splits
 from tasks.results import Checkpoint, DataBundle, EvalReport, RunContext
+from tasks.storage import holding, phase_locks
+from tasks.tracking.registry import Floor
 
 
 @task(name="evaluate")
@@ -59,9 +63,14 @@ def evaluate(config: EvalConfig, data: DataBundle, finetuned: Checkpoint, run: R
             tags={**{name: str(value) for name, value in metrics.items()},
                   "twostage.pipeline_run_id": run.parent_run_id, "twostage.run_id": child.run_id},
         )
-        promotion = child.promote(
-            registered_name, version, config.promote_metric, metrics[config.promote_metric], config.min_improvement
-        )
+        try:
+            with holding(phase_locks(run.output_dir), f"registry-{registered_name}"):  # one decision at a time
+                promotion = child.promote(registered_name, version, config.promote_metric,
+                                          metrics[config.promote_metric], config.min_improvement,
+                                          promotion_floor(config, truth, data.num_classes))
+        except BaseException:  # failed or stopped before the decision: the version must not stay registered
+            child.delete_model_version(registered_name, version)
+            raise
         logger.info("registry: %s", promotion)
         seconds = time.perf_counter() - child.started
         child.log_metrics({"time/evaluate_s": seconds}, on_parent=True)
@@ -70,3 +79,16 @@ def evaluate(config: EvalConfig, data: DataBundle, finetuned: Checkpoint, run: R
             pipeline_run_id=run.parent_run_id, experiment_id=run.experiment_id, model_uri=model_uri,
             model_version=version, promotion=promotion, seconds=seconds,
         )
+
+
+def promotion_floor(config: EvalConfig, truth: np.ndarray, num_classes: int) -> Floor:
+    """What the promote metric must beat: `min_metric`, else chance on this test set."""
+    if config.min_metric is not None:
+        return Floor(config.min_metric, "evaluate.min_metric")
+    if config.promote_metric == "test/acc":
+        share = np.bincount(truth, minlength=num_classes).max() / len(truth)
+        return Floor(float(share), "chance: the majority class's share of the test set; evaluate.min_metric sets it")
+    if config.promote_metric == "test/f1_macro":
+        return Floor(1 / num_classes, f"chance: 1/{num_classes} classes; evaluate.min_metric sets it")
+    return Floor(math.log(num_classes), f"chance: ln({num_classes}), the loss of uniform predictions; "
+                 "evaluate.min_metric sets it")

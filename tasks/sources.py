@@ -158,7 +158,17 @@ def load_image_folder(config: DataConfig) -> RawData:
             f"data.image_folder {folder} holds images of {len(class_names)} class folder(s); "
             "fix: put each class's images in a subfolder named for the class (at least two)"
         )
-    images = [read_image(path, config.channels, config.image_size, config.image_size) for path, _ in files]
+    images, unreadable = [], []
+    for path, _ in files:
+        try:
+            images.append(read_image(path, config.channels, config.image_size, config.image_size))
+        except DataNotFoundError as error:
+            unreadable.append(str(error).split("; fix:")[0])
+    if unreadable:
+        raise DataNotFoundError(
+            f"data.image_folder {folder}: {len(unreadable)} of {len(files)} images are unreadable: "
+            f"{'; '.join(unreadable)}; fix: remove or replace them"
+        )
     labels = [class_names.index(label) for _, label in files]
     return RawData(
         torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64), None, None, class_names,
@@ -169,21 +179,37 @@ def load_image_folder(config: DataConfig) -> RawData:
 def read_image(path: Path, channels: int, height: int, width: int) -> np.ndarray:
     """An image file as uint8 pixels (C, H, W): converted to grayscale or RGB, resized bilinearly.
 
+    16- and 32-bit integer images are scaled to 8 bits (not clipped at 255); an image that would decode to more
+    pixels than Pillow's decompression-bomb limit is refused.
+
     Raises:
-        DataNotFoundError: the file is missing or not an image; the message names it.
+        DataNotFoundError: the file is missing, not an image, or a decompression bomb; the message names it.
     """
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
+            image = _eight_bits(image).convert("L" if channels == 1 else "RGB")
             if image.size != (width, height):
                 image = image.resize((width, height), Image.BILINEAR)
             pixels = np.asarray(image, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError) as error:
+    except Image.DecompressionBombError as error:
+        raise DataNotFoundError(f"{path}: refused, a decompression bomb ({error}); fix: remove or replace it") from None
+    except (OSError, UnidentifiedImageError, ValueError) as error:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
         raise DataNotFoundError(f"{path}: not a readable image ({reason}); fix: remove or replace it") from None
     return pixels.reshape(height, width, channels).transpose(2, 0, 1)
+
+
+def _eight_bits(image):
+    """A 16- or 32-bit integer grayscale image as 8-bit "L", its range scaled (Pillow's own conversion clips at 255)."""
+    from PIL import Image
+
+    if image.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        return image
+    values = np.asarray(image).astype(np.float64)
+    full_scale = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) <= 65535 else 2.0**32 - 1
+    return Image.fromarray(np.clip(np.round(values * 255 / full_scale), 0, 255).astype(np.uint8), mode="L")
 
 
 FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist

@@ -51,12 +51,30 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     (["-c", "nope.yaml"], ["nope.yaml: cannot read config"]),
     (["--set", "finetune.epoch=3"], ["unknown key 'finetune.epoch'", "valid keys here: epochs"]),
     (["--set", "data.val_fraction=2"], ["invalid value for 'data.val_fraction'", "got 2"]),
+    (["--set", "model.encoder_widths=[1,"], ["--set 'model.encoder_widths=[1,'", "is not a YAML value", "quote it"]),
+    (["--rerun", "everything"], ["argument --rerun", "invalid choice"]),
     (["--set", "device=cuda"] if not __import__("torch").cuda.is_available() else ["--set", "device=tpu"], ["device"]),
 ])
 def test_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path, args, fragments):
     result = twostage("run", *(["-c", str(QUICKSTART)] if "-c" not in args else []), *args, cwd=tmp_path)
     assert_one_line_error(result, *fragments)
     assert result.stderr.count("\n") == 1
+
+
+def test_an_empty_config_file_is_refused_not_run_with_defaults(tmp_path):
+    (tmp_path / "empty.yaml").write_text("")
+    assert_one_line_error(twostage("run", "-c", "empty.yaml", cwd=tmp_path), "empty.yaml: the config file is empty")
+
+
+@pytest.mark.parametrize("last", ["0", "-1", "two"])
+def test_compare_refuses_a_last_that_is_not_a_positive_count(tmp_path, last):
+    assert_one_line_error(twostage("compare", "--last", last, cwd=tmp_path), "argument --last", repr(last))
+
+
+def test_compare_in_a_folder_without_a_store_says_so_and_creates_none(tmp_path):
+    result = twostage("compare", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.startswith("no finished pipeline runs")
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_unreadable_yaml_exits_2_naming_the_file(tmp_path):

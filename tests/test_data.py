@@ -156,6 +156,36 @@ def test_an_unreadable_image_is_named(tmp_path):
         prepare(config)
 
 
+def test_every_unreadable_image_of_a_folder_is_named_in_one_line(tmp_path):
+    write_png_folder(tmp_path / "images", per_class=3)
+    for name in ("a.png", "b.jpg"):
+        (tmp_path / "images" / "class_1" / name).write_bytes(b"not an image")
+    config = DataConfig(dataset="image_folder", image_folder=tmp_path / "images", root=tmp_path)
+    with pytest.raises(DataNotFoundError) as caught:
+        prepare(config)
+    message = str(caught.value)
+    assert "2 of 11 images are unreadable" in message and "a.png" in message and "b.jpg" in message
+    assert "\n" not in message and message.endswith("fix: remove or replace them")
+
+
+def test_a_16_bit_image_keeps_its_range_scaled_to_8_bits(tmp_path):
+    from tasks.sources import read_image
+
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)  # 0 .. 63,000 of 65,535
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    pixels = read_image(tmp_path / "ramp.png", channels=1, height=8, width=8)
+    assert pixels.max() == round(63_000 * 255 / 65_535) and pixels[0, 0, 1] == round(1000 * 255 / 65_535)
+    assert len(np.unique(pixels)) > 60  # not clipped to 255 from the first 256 values on
+
+
+def test_a_decompression_bomb_is_refused_by_name(tmp_path):
+    from tasks.sources import read_image
+
+    Image.new("L", (13_500, 13_500)).save(tmp_path / "bomb.png")  # 177 kB, 182 million pixels decoded
+    with pytest.raises(DataNotFoundError, match="bomb.png: refused, a decompression bomb"):
+        read_image(tmp_path / "bomb.png", 1, 8, 8)
+
+
 def test_the_phases_of_a_run_share_one_loaded_copy_of_the_splits(tmp_path):
     bundle = prepare(DataConfig(dataset="digits", root=tmp_path))
     first, second = load_splits(bundle, "cpu"), load_splits(bundle, "cpu")

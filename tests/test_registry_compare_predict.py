@@ -132,3 +132,13 @@ def test_predict_classifies_test_images_with_the_champion_and_names_a_bad_file(t
     correct = sum(predicted[str(path)] == str(int(label)) for path, label in zip(paths, labels))
     assert correct / 60 >= float(champion.tags["test/acc"]) - 0.05
     assert all("(probability " in line for line in out.strip().splitlines())
+
+
+def test_predict_refuses_a_decompression_bomb_and_still_classifies_the_other_images(two_runs, tmp_path, capsys):
+    Image.new("L", (13_500, 13_500)).save(tmp_path / "huge.png")
+    Image.fromarray((torch.rand(8, 8) * 255).to(torch.uint8).numpy()).save(tmp_path / "ok.png")
+    code = predict("models:/quickstart@champion", [str(tmp_path / "huge.png"), str(tmp_path / "ok.png")])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert err.strip().startswith(f"twostage: error: {tmp_path / 'huge.png'}: refused, a decompression bomb")
+    assert out.strip().startswith(f"{tmp_path / 'ok.png'}: ") and "(probability " in out

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlflow
 from mlflow.exceptions import MlflowException
 
 from configs.errors import UserError
 from tasks.tracking.registry import champion_version
-from tasks.tracking.store import client, tracking_uri
+from tasks.tracking.store import client, open_store, tracking_uri
 
 
 @dataclass
@@ -23,8 +24,12 @@ class PipelineRunRecord:
 
 
 def pipeline_runs(experiment_name: str, last: int | None = None) -> list[PipelineRunRecord]:
-    """The experiment's finished pipeline (parent) runs, newest first; [] when there is no such experiment."""
-    store = client(tracking_uri())
+    """The experiment's finished pipeline (parent) runs, newest first; [] when there is no such experiment, or no
+    store at all (reading never creates one)."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return []
+    store = open_store(uri)
     experiment = store.get_experiment_by_name(experiment_name)
     if experiment is None:
         return []

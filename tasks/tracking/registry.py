@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from mlflow.exceptions import MlflowException
@@ -20,15 +21,26 @@ class Promotion:
     decision: str  # in words, with both numbers
 
 
+@dataclass(frozen=True)
+class Floor:
+    value: float  # the promote metric must be strictly better than this
+    reason: str  # what it is, e.g. "chance: the majority class's share of the test set"
+
+
 def decide_promotion(name: str, version: str, metric: str, value: float, champion: Champion | None,
-                     min_improvement: float) -> Promotion:
+                     min_improvement: float, floor: Floor | None = None) -> Promotion:
     """Alias `champion` for the new version if it beats the champion's `metric` by at least `min_improvement` (lower
     is better for losses; the old champion becomes `previous-champion`); else alias `challenger`. A model without a
-    champion, or whose champion lacks the metric, gets its first champion."""
+    champion, or whose champion lacks the metric, gets its first champion. A value that is not finite, or no better
+    than `floor`, gets no alias at all."""
+    lower_is_better = "loss" in metric
+    if not math.isfinite(value) or (floor and (value >= floor.value if lower_is_better else value <= floor.value)):
+        reason = "it is not finite" if not math.isfinite(value) else f"it is no better than {floor.value:.4f} ({floor.reason})"
+        return Promotion({}, f"version {version} of {name} is not promoted: {metric} {value:.4f}, and {reason}")
     if champion is None or champion.value is None:
         before = f"version {champion.version} had no {metric}" if champion else "there was none"
         return Promotion({"champion": version}, f"version {version} is the champion of {name} ({metric} {value:.4f}; {before})")
-    gain = champion.value - value if "loss" in metric else value - champion.value
+    gain = champion.value - value if lower_is_better else value - champion.value
     if gain > 0 and gain >= min_improvement:
         aliases, verdict = {"previous-champion": champion.version, "champion": version}, "is the new champion"
     else:
@@ -47,9 +59,11 @@ def current_champion(client: MlflowClient, name: str, metric: str) -> Champion |
     return Champion(str(version.version), float(value) if value is not None else None)
 
 
-def promote(client: MlflowClient, name: str, version: str, metric: str, value: float, min_improvement: float) -> str:
+def promote(client: MlflowClient, name: str, version: str, metric: str, value: float, min_improvement: float,
+            floor: Floor | None = None) -> str:
     """Apply `decide_promotion` against the current champion; returns the decision in words."""
-    promotion = decide_promotion(name, version, metric, value, current_champion(client, name, metric), min_improvement)
+    champion = current_champion(client, name, metric)
+    promotion = decide_promotion(name, version, metric, value, champion, min_improvement, floor)
     for alias, aliased in promotion.aliases.items():
         client.set_registered_model_alias(name, alias, aliased)
     return promotion.decision

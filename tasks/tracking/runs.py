@@ -32,12 +32,14 @@ from tasks.results import Checkpoint, RunContext
 from tasks.tracking import registry
 from tasks.tracking.history import metric_history
 from tasks.tracking.store import client as store_client
-from tasks.tracking.store import tracking_uri
+from tasks.tracking.store import open_store, tracking_uri
 
 
 def _git_commit() -> str:
+    """The commit of the checkout this code runs from, wherever the run starts; "unknown" outside a checkout."""
     try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).resolve().parents[2])
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return result.stdout.strip() if result.returncode == 0 else "unknown"
@@ -57,7 +59,7 @@ def pipeline_run(
     started = time.perf_counter()
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
-    client = store_client(uri)
+    client = open_store(uri)
     experiment = client.get_experiment_by_name(config.name)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.name)
     abandoned = _mark_abandoned_runs_killed(client, experiment_id)
@@ -187,9 +189,13 @@ class PhaseRun:
             self.client.set_model_version_tag(registered_name, version, key, value)
         return info.model_uri, version
 
-    def promote(self, name: str, version: str, metric: str, value: float, min_improvement: float) -> str:
+    def delete_model_version(self, name: str, version: str) -> None:
+        self.client.delete_model_version(name, version)
+
+    def promote(self, name: str, version: str, metric: str, value: float, min_improvement: float,
+                floor: registry.Floor | None = None) -> str:
         """The registry's decision for this version (tasks/tracking/registry.py), tagged on this run and the parent."""
-        decision = registry.promote(self.client, name, version, metric, value, min_improvement)
+        decision = registry.promote(self.client, name, version, metric, value, min_improvement, floor)
         self.client.set_tag(self.run_id, "twostage.registry_decision", decision)
         self.client.set_tag(self.context.parent_run_id, "twostage.registry_decision", decision)
         return decision
@@ -274,13 +280,15 @@ def _process_alive(pid: int) -> bool:
 
 @contextmanager
 def _terminated_on_exit(client: MlflowClient, run_id: str) -> Iterator[None]:
+    """FINISHED, FAILED on an error, KILLED when stopped from outside: Ctrl-C, SIGTERM (Prefect's
+    TerminationSignal), a cancellation; those are BaseExceptions that are not Exceptions."""
     try:
         yield
-    except KeyboardInterrupt:
-        client.set_terminated(run_id, "KILLED")
+    except Exception:
+        client.set_terminated(run_id, "FAILED")
         raise
     except BaseException:
-        client.set_terminated(run_id, "FAILED")
+        client.set_terminated(run_id, "KILLED")
         raise
     client.set_terminated(run_id, "FINISHED")
 

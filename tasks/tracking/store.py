@@ -1,11 +1,16 @@
-"""Which MLflow store, and the client for it; where a run's page is."""
+"""Which MLflow store, the client for it, whether it can be used, and where a run's page is."""
 
 from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
+from urllib.parse import urlparse
 
 from mlflow.tracking import MlflowClient
+
+from configs.errors import UserError
+from tasks.storage import ProcessLockManager, holding
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store
@@ -19,6 +24,51 @@ def tracking_uri() -> str:
 @functools.cache
 def client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
+
+
+class TrackingStoreError(UserError):
+    """The MLflow store can't be used: the message names it, what is wrong, and MLFLOW_TRACKING_URI."""
+
+
+def open_store(uri: str) -> MlflowClient:
+    """The client for `uri`, once the store answers; a new sqlite store is created by one process at a time.
+
+    Concurrent first uses of a new sqlite store run MLflow's schema migrations at once and leave it broken
+    (half-migrated tables), so its creation holds an OS lock on `<file>.lock` beside it.
+
+    Raises:
+        TrackingStoreError: an unknown scheme, a server that doesn't answer, a file that is no MLflow store.
+    """
+    scheme = urlparse(uri).scheme
+    fix = "fix MLFLOW_TRACKING_URI (e.g. sqlite:///mlflow.db, or http://HOST:5000 for an MLflow server)"
+    if scheme in ("http", "https"):
+        _check_server(uri, fix)
+        return client(uri)
+    try:
+        if scheme == "sqlite":
+            database = Path(uri.removeprefix("sqlite:///")).resolve()
+            database.parent.mkdir(parents=True, exist_ok=True)
+            with holding(ProcessLockManager(database.parent), database.name):
+                client(uri).search_experiments(max_results=1)
+        else:
+            client(uri).search_experiments(max_results=1)
+    except Exception as error:  # noqa: BLE001 - any failure to open the store ends in the one line below
+        client.cache_clear()
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TrackingStoreError(f"MLflow tracking store {uri} can't be used ({reason[:200]}); {fix}") from None
+    return client(uri)
+
+
+def _check_server(uri: str, fix: str) -> None:
+    import requests
+
+    try:
+        answer = requests.get(f"{uri.rstrip('/')}/health", timeout=5)
+    except requests.RequestException as error:
+        reason = type(error).__name__ + (": connection refused" if "refused" in str(error).lower() else "")
+        raise TrackingStoreError(f"MLflow tracking server {uri} does not answer ({reason}); start it, or {fix}") from None
+    if answer.status_code != 200:
+        raise TrackingStoreError(f"MLflow tracking server {uri} answered /health with {answer.status_code}; {fix}")
 
 
 def run_url(experiment_id: str, run_id: str) -> str:
