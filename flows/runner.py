@@ -83,10 +83,12 @@ class Steps:
         )
 
     def _reuse(self, phase: str, configured: Task, checkpoint, arguments: tuple):
-        """A cached phase's checkpoint, when intact; else the phase trained again."""
+        """A cached phase's checkpoint, when intact and made by a run of this tracking store; else the phase
+        trained again."""
         problem = checkpoint_problem(checkpoint)
+        problem = f"checkpoint {problem}" if problem else tracking.unlinked_run(self.run, checkpoint)
         if problem:
-            get_run_logger().warning("%s: the reusable result's checkpoint %s; running the phase again", phase, problem)
+            get_run_logger().warning("%s: the reusable result's %s; running the phase again", phase, problem)
             return configured.with_options(refresh_cache=True)(*arguments)
         tracking.record_reuse(self.run, phase, checkpoint)
         get_run_logger().info(

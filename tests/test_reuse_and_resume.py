@@ -10,6 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from configs.loader import validate_config
+from configs.schema import PHASES
 from conftest import isolated_workdir, tiny_config
 from flows.two_stage import two_stage
 from tasks import phase as phase_module
@@ -54,6 +55,22 @@ def test_running_the_same_config_again_reuses_every_training_phase(prefect_serve
     first_parent = client.get_run(first.pipeline_run_id).data.metrics
     for name in ("pretrain/recon_loss", "head/best_val_acc", "finetune/best_val_acc", "time/finetune_s"):
         assert parent.data.metrics[name] == first_parent[name], name
+
+
+def test_a_run_in_another_folder_trains_anew_though_both_share_one_prefect_home(prefect_server, tmp_path):
+    """Phase results live under the run's output_dir, not in Prefect's per-user storage: a second checkout (another
+    folder) never reuses the first one's phases, whose checkpoints and MLflow runs it doesn't have."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    config = validate_config(tiny_config())
+    shared = {PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-home-storage"}
+    with isolated_workdir(tmp_path / "first"), temporary_settings(shared):
+        two_stage(config)
+    with isolated_workdir(tmp_path / "second"), temporary_settings(shared):
+        second = two_stage(config)
+        parent = MlflowClient().get_run(second.pipeline_run_id)
+        assert sorted(children(MlflowClient(), second.pipeline_run_id)) == sorted(PHASES)
+    assert not any(tag.startswith("twostage.reused.") for tag in parent.data.tags)
 
 
 def test_changing_a_phase_config_reruns_it_and_what_follows_but_nothing_before(prefect_server, workdir):
@@ -122,6 +139,23 @@ def test_a_reused_result_whose_checkpoint_is_gone_or_changed_is_recomputed(prefe
     rerun = children(client, second.pipeline_run_id)
     assert "pretrain" in rerun and rerun["pretrain"].info.run_id != pretrain_run.info.run_id
     assert second.metrics == pytest.approx(first.metrics)  # the same inputs and seed give the same model
+
+
+def test_a_reusable_phase_trained_in_another_tracking_store_runs_again_instead_of_linking_a_missing_run(
+    prefect_server, workdir, caplog, monkeypatch
+):
+    config = validate_config(tiny_config())
+    first = two_stage(config)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'another.db'}")  # the same folder, a new store
+    with caplog.at_level(logging.WARNING):
+        second = two_stage(config)
+    first_pretrain = children(MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}"), first.pipeline_run_id)["pretrain"]
+    assert (f"pretrain: the reusable result's MLflow run {first_pretrain.info.run_id} is not in the tracking store "
+            f"sqlite:///{workdir / 'another.db'}; running the phase again") in caplog.text
+    client = MlflowClient()
+    assert sorted(children(client, second.pipeline_run_id)) == sorted(PHASES)
+    assert not any(tag.startswith("twostage.reused.") for tag in client.get_run(second.pipeline_run_id).data.tags)
+    assert second.metrics == pytest.approx(first.metrics)
 
 
 def test_an_exception_in_a_phase_is_retried_by_prefect_and_resumes_from_its_epoch_checkpoint(

@@ -19,7 +19,15 @@ from tasks.tracking.history import (
     phase_run_id,
     pipeline_runs,
 )
-from tasks.tracking.runs import EpochMetrics, PhaseRun, log_pipeline_curves, phase_run, pipeline_run, record_reuse
+from tasks.tracking.runs import (
+    EpochMetrics,
+    PhaseRun,
+    log_pipeline_curves,
+    phase_run,
+    pipeline_run,
+    record_reuse,
+    unlinked_run,
+)
 from tasks.tracking.store import TrackingStoreError, open_store, run_url, tracking_uri
 
 
@@ -40,5 +48,5 @@ class PhaseTracker(Protocol):
 __all__ = [
     "EpochMetrics", "ModelNotFoundError", "PhaseRun", "PhaseTracker", "PipelineRunRecord", "champion_pipeline_run",
     "load_classifier", "log_pipeline_curves", "metric_history", "phase_run", "phase_run_id", "pipeline_run",
-    "pipeline_runs", "record_reuse", "run_url", "tracking_uri", "TrackingStoreError", "open_store",
+    "pipeline_runs", "record_reuse", "run_url", "tracking_uri", "TrackingStoreError", "open_store", "unlinked_run",
 ]

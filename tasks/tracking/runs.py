@@ -241,6 +241,16 @@ def log_pipeline_curves(context: RunContext, phase_run_ids: dict[str, str]) -> N
                                                  "loss_curves.png")
 
 
+def unlinked_run(context: RunContext, checkpoint: Checkpoint) -> str | None:
+    """Why a reusable phase can't be linked to the MLflow run that trained it (the run is not in this tracking store:
+    MLFLOW_TRACKING_URI changed since), or None."""
+    try:
+        store_client(context.tracking_uri).get_run(checkpoint.run_id)
+    except MlflowException:
+        return f"MLflow run {checkpoint.run_id} is not in the tracking store {context.tracking_uri}"
+    return None
+
+
 def record_reuse(context: RunContext, phase: str, checkpoint: Checkpoint) -> None:
     """A phase reused from an earlier flow run gets no child run: tag the parent with the one that made it."""
     client = store_client(context.tracking_uri)
