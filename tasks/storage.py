@@ -57,7 +57,7 @@ def holding(locks: LockManager, key: str) -> Iterator[None]:
 def check_stored_result(output_dir: Path, key: str) -> str | None:
     """None when the phase's stored result is absent or a JSON record of a Checkpoint; else why not, after moving
     the file aside to `<key>.rejected` (kept for inspection)."""
-    path = Path(output_dir) / "results" / key
+    path = result_storage(output_dir) / key
     if not path.exists():
         return None
     problem = _record_problem(path.read_bytes())
