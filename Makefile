@@ -1,7 +1,8 @@
 # `make run`: create .venv from the lock, run the pipeline on the offline quickstart.
 # `make test`: create .venv from the lock, run the whole test suite (what CI runs, with `make drift`).
 # `make test-fast`: the specification tests alone, under a minute.
-# `make lock`: refresh requirements.lock to the newest versions pyproject.toml's ranges allow.
+# `make lock`: lock what pyproject.toml asks for now, keeping every version already pinned that its range admits.
+# `make lock-upgrade`: refresh requirements.lock to the newest versions pyproject.toml's ranges allow.
 # `make drift`: install those newest versions in .venv-drift and run the tests on a real Prefect server with them.
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +10,7 @@ INSTALLED := $(VENV)/.installed
 LOCK := requirements.lock
 PIP_TOOLS := pip-tools==7.6.2
 
-.PHONY: install run test test-fast lock drift clean
+.PHONY: install run test test-fast lock lock-upgrade drift clean
 
 install: $(INSTALLED)
 
@@ -32,11 +33,16 @@ test: $(INSTALLED)
 test-fast: $(INSTALLED)
 	$(VENV)/bin/python -m pytest -m "not engine and not cli and not server and not benchmark"
 
+PIP_COMPILE_FLAGS ?=
 lock:
 	$(PYTHON) -m venv --clear .venv-lock
 	.venv-lock/bin/python -m pip install --disable-pip-version-check --quiet $(PIP_TOOLS)
-	.venv-lock/bin/pip-compile --upgrade --generate-hashes --allow-unsafe --all-build-deps --extra test \
-		--strip-extras --no-emit-index-url --no-emit-find-links --output-file $(LOCK) pyproject.toml
+	.venv-lock/bin/pip-compile $(PIP_COMPILE_FLAGS) --generate-hashes --allow-unsafe --all-build-deps \
+		--extra test --extra stack --strip-extras --no-emit-index-url --no-emit-find-links --output-file $(LOCK) \
+		pyproject.toml
+
+lock-upgrade:
+	$(MAKE) lock PIP_COMPILE_FLAGS=--upgrade
 
 # Catches an upstream release that breaks us before a user meets it: a fresh venv with the newest releases the
 # ranges allow, what differs from the lock, then the tests on a real Prefect server (served, deployed and worker
