@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -23,6 +24,7 @@ from pydantic import (
     field_validator,
 )
 
+STORAGE_SCHEMES = (None, "file", "s3")  # a local folder, or an object store through fsspec (s3fs)
 Phase = Literal["data", "pretrain", "head", "finetune", "evaluate"]
 PHASES: tuple[str, ...] = get_args(Phase)  # in the order they run
 
@@ -231,7 +233,12 @@ class PipelineConfig(StrictModel):
         "AVX512-BF16 or AMX); elsewhere bf16 is emulated, about 10x slower than float32 on an AVX2 CPU.",
     )
     compile: bool = Field(False, description="torch.compile the training forward pass (pays off on long GPU runs).")
-    output_dir: Path = Field(Path("outputs"), description="Phase checkpoints.")
+    storage: str = Field(
+        default_factory=lambda: os.environ.get("TWOSTAGE_STORAGE", "outputs"),
+        description="Where phases hand each other checkpoints, epoch states and Prefect's phase results: a local "
+        "folder (relative to the working folder) or an object-store URL, e.g. s3://bucket/prefix, shared by every "
+        "worker. Default: $TWOSTAGE_STORAGE, else outputs.",
+    )
     checkpoint_every_s: NonNegativeFloat = Field(
         1.0,
         description="A training phase saves its epoch state, and sends the epochs' metrics to MLflow, at most this "
@@ -243,6 +250,15 @@ class PipelineConfig(StrictModel):
     head: HeadConfig = HeadConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     evaluate: EvalConfig = EvalConfig()
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_is_a_folder_or_a_bucket(cls, value: str) -> str:
+        scheme = value.split("://", 1)[0] if "://" in value else None
+        if scheme not in STORAGE_SCHEMES:
+            raise ValueError(f"{scheme}:// is not a storage this pipeline writes to; use a local folder or "
+                             "s3://bucket/prefix (S3 or an S3-compatible store: AWS_ENDPOINT_URL names its endpoint)")
+        return value
 
 
 def fingerprint(*parts: BaseModel | str | int | float) -> str:

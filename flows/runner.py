@@ -25,9 +25,10 @@ from models.device import resolve_amp, resolve_device
 from tasks import tracking
 from tasks.checkpoints import checkpoint_problem
 from tasks.keys import input_key
+from tasks.locks import locks_for
 from tasks.results import Checkpoint, RunContext
 from tasks.sources import DownloadFailedError
-from tasks.storage import check_stored_result, phase_locks, result_storage
+from tasks.storage import check_stored_result, result_storage
 
 
 def retry_unless_user_error(task, task_run, state) -> bool:
@@ -70,16 +71,16 @@ class Steps:
         return result
 
     def _persisted(self, task: Task, arguments: tuple) -> Task:
-        """Results as JSON under the run's output_dir; one process at a time trains a key, the others then reuse its
+        """Results as JSON in the run's storage; one process at a time trains a key, the others then reuse its
         result. A stored result that is not a JSON record of a checkpoint is moved aside, and the phase runs."""
-        output_dir = self.run.output_dir
+        storage = self.run.storage
         key = input_key(task.name, inspect.signature(task.fn).bind(*arguments).arguments)  # as Prefect caches it
-        problem = check_stored_result(output_dir, key)
+        problem = check_stored_result(storage, key)
         if problem:
             get_run_logger().warning("%s: the stored result %s; running the phase again", task.name, problem)
         return task.with_options(
-            result_storage=result_storage(output_dir), result_serializer="json",
-            cache_policy=task.cache_policy.configure(lock_manager=phase_locks(output_dir), isolation_level="SERIALIZABLE"),
+            result_storage=result_storage(storage), result_serializer="json",
+            cache_policy=task.cache_policy.configure(lock_manager=locks_for(storage), isolation_level="SERIALIZABLE"),
         )
 
     def _reuse(self, phase: str, configured: Task, checkpoint, arguments: tuple):

@@ -21,7 +21,7 @@ from prefect import get_run_logger, task
 from configs.errors import UserError
 from configs.schema import DataConfig, fingerprint
 from tasks import tracking
-from tasks.files import save_atomically
+from tasks.files import torch_bytes, write_atomically
 from tasks.results import DataBundle, LabeledSubset, RunContext
 from tasks.sources import RawData, image_files, load_raw
 
@@ -88,7 +88,7 @@ def prepare(config: DataConfig, rebuild: bool = False, logger: logging.Logger | 
             )
     raw = load_raw(config)
     saved = _split(raw, config)
-    save_atomically(saved, path)
+    write_atomically(str(path), torch_bytes(saved))
     return _bundle(path, saved, source=raw.source)
 
 

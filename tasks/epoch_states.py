@@ -1,40 +1,41 @@
-"""A training phase's last epoch states on disk: written atomically, the previous one kept, read defensively."""
+"""A training phase's last epoch states in its storage: written atomically, the previous one kept, read
+defensively."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-import torch
-
-from tasks.files import write_temporary
+from tasks.files import exists, move, read_bytes, remove, torch_bytes, torch_load, write_temporary
 
 
 class EpochStates:
-    """`<stem>.state.pt`, the last epoch's training state, and `<stem>.state.prev.pt`, the one before."""
+    """`<stem>.state.pt`, the last epoch's training state, and `<stem>.state.prev.pt`, the one before.
 
-    def __init__(self, stem: Path):
-        self.stem = stem
-        self.current = stem.with_name(stem.name + ".state.pt")
-        self.previous = stem.with_name(stem.name + ".state.prev.pt")
+    `stem` is a location in the run's storage (a local path or an object-store URL). A crash at any point of a
+    save leaves a readable state: the new one is written completely under a temporary name before the current one
+    becomes the previous one and the new one takes its place."""
+
+    def __init__(self, stem: str):
+        self.stem = str(stem)
+        self.current = self.stem + ".state.pt"
+        self.previous = self.stem + ".state.prev.pt"
 
     def save(self, state: dict) -> None:
-        temporary = write_temporary(state, self.current.parent)
-        if self.current.exists():
-            os.replace(self.current, self.previous)
-        os.replace(temporary, self.current)
+        temporary = write_temporary(self.current, torch_bytes(state))
+        if exists(self.current):
+            move(self.current, self.previous)
+        move(temporary, self.current)
 
     def load(self, logger) -> dict | None:
         """The newest readable state; an unreadable file is reported by name and skipped."""
-        for path in (self.current, self.previous):
-            if not path.exists():
-                continue
+        for location in (self.current, self.previous):
             try:
-                return torch.load(path, weights_only=True)
+                return torch_load(read_bytes(location))
+            except FileNotFoundError:
+                continue
             except Exception as error:  # noqa: BLE001 - truncated or corrupted: any load failure
-                logger.warning("%s: unreadable epoch checkpoint (%s: %s); skipping it", path, type(error).__name__, error)
+                logger.warning("%s: unreadable epoch checkpoint (%s: %s); skipping it", location, type(error).__name__,
+                               error)
         return None
 
     def clear(self) -> None:
-        for path in (self.current, self.previous):
-            path.unlink(missing_ok=True)
+        for location in (self.current, self.previous):
+            remove(location)

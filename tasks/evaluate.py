@@ -14,8 +14,8 @@ from models.evaluation import classification_metrics, encode
 from tasks import plots, tracking
 from tasks.checkpoints import load_model
 from tasks.data import load_splits
+from tasks.locks import holding, locks_for
 from tasks.results import Checkpoint, DataBundle, EvalReport, RunContext
-from tasks.storage import holding, phase_locks
 from tasks.tracking.registry import Floor
 
 
@@ -64,7 +64,7 @@ def evaluate(config: EvalConfig, data: DataBundle, finetuned: Checkpoint, run: R
                   "twostage.pipeline_run_id": run.parent_run_id, "twostage.run_id": child.run_id},
         )
         try:
-            with holding(phase_locks(run.output_dir), f"registry-{registered_name}"):  # one decision at a time
+            with holding(locks_for(run.storage), f"registry-{registered_name}"):  # one decision at a time
                 promotion = child.promote(registered_name, version, config.promote_metric,
                                           metrics[config.promote_metric], config.min_improvement,
                                           promotion_floor(config, truth, data.num_classes))

@@ -1,26 +1,112 @@
-"""Writing files so that a crash never leaves a half-written one."""
+"""The files phases hand each other, in a local folder or an object store (`s3://bucket/prefix`), through fsspec.
+
+A location is a string: a local path or a URL. Writes never leave a half-written file where a reader looks: the
+bytes go to a temporary name beside the final one, complete, and then take its name (a rename on disk, flushed
+first; on an object store a copy and delete, so the final key only ever holds a whole upload).
+"""
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import torch
+from fsspec.implementations.local import LocalFileSystem
 
 
-def write_temporary(obj: Any, folder: Path) -> Path:
-    """torch.save `obj` to a new temporary file in `folder`, flushed to disk; rename it into place."""
-    folder.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(handle, "wb") as file:
-        torch.save(obj, file)
-        file.flush()
-        os.fsync(file.fileno())
-    return Path(temporary)
+def is_local(location: str) -> bool:
+    return fsspec.core.split_protocol(str(location))[0] in (None, "file", "local")
 
 
-def save_atomically(obj: Any, path: Path) -> None:
-    """torch.save `obj` to `path`: readers see the old file or the whole new one, never a partial one."""
-    os.replace(write_temporary(obj, path.parent), path)
+def absolute(location: str) -> str:
+    """A local folder as an absolute path (relative ones are under the working folder); a URL as it is."""
+    return str(Path(location.removeprefix("file://")).resolve()) if is_local(location) else location
+
+
+def join(location: str, *names: str) -> str:
+    return "/".join([str(location).rstrip("/"), *names])
+
+
+def name_of(location: str) -> str:
+    return str(location).rstrip("/").rsplit("/", 1)[-1]
+
+
+def _fs(location: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    return fsspec.core.url_to_fs(str(location))
+
+
+def torch_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def torch_load(data: bytes, map_location: str | None = None) -> Any:
+    """Tensors and plain containers only (`weights_only=True`): stored state never runs code."""
+    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+
+
+def read_bytes(location: str) -> bytes:
+    """The file's bytes; FileNotFoundError when there is none."""
+    fs, path = _fs(location)
+    return fs.cat_file(path)
+
+
+def exists(location: str) -> bool:
+    fs, path = _fs(location)
+    return fs.exists(path)
+
+
+def remove(location: str) -> None:
+    fs, path = _fs(location)
+    if fs.exists(path):
+        fs.rm_file(path)
+
+
+def move(source: str, target: str) -> None:
+    """Give `source` the name `target` (replacing it): os.replace on disk, copy and delete on an object store."""
+    fs, source_path = _fs(source)
+    if isinstance(fs, LocalFileSystem):
+        os.replace(source_path, _fs(target)[1])
+    else:
+        fs.mv(source_path, _fs(target)[1])
+
+
+def write_temporary(location: str, data: bytes) -> str:
+    """Write `data` completely under a new temporary name beside `location`; returns that name."""
+    fs, path = _fs(location)
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    temporary = f"{path}.{uuid.uuid4().hex}.tmp"
+    if isinstance(fs, LocalFileSystem):
+        with open(temporary, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        return temporary
+    fs.pipe_file(temporary, data)
+    return fs.unstrip_protocol(temporary)
+
+
+def write_atomically(location: str, data: bytes) -> None:
+    """Readers see the old file or the whole new one, never a partial one."""
+    move(write_temporary(location, data), location)
+
+
+@contextmanager
+def local_copy(location: str, data: bytes) -> Iterator[Path]:
+    """A local file with `location`'s name and these bytes, for APIs that take a path (MLflow's log_artifact):
+    the file itself when it is local."""
+    if is_local(location):
+        yield Path(location)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / name_of(location)
+        path.write_bytes(data)
+        yield path

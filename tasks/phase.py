@@ -16,7 +16,6 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from pathlib import Path
 from time import monotonic
 from typing import Any
 
@@ -28,8 +27,9 @@ from configs.schema import ModelConfig, TrainConfig
 from models.networks import TwoStageModel
 from models.training import EpochStats, FitResult, LossFn, NonFiniteLossError, Validate, fit
 from tasks import tracking
-from tasks.checkpoints import save_weights
+from tasks.checkpoints import sha256
 from tasks.epoch_states import EpochStates
+from tasks.files import join, local_copy, torch_bytes, write_atomically
 from tasks.keys import input_key
 from tasks.results import Checkpoint, RunContext
 
@@ -141,15 +141,17 @@ class TrainingPhase:
         headline: the phase's key result for the parent run, e.g. {"head/best_val_acc": 0.97}; the parent
         also gets the phase's seconds and parameter counts.
         """
-        path = self.states.stem.with_suffix(".pt")
-        sha256 = save_weights(model, path)
-        self.child.log_artifact(path, "checkpoint")  # the curves: MLflow charts the per-epoch metrics
+        path = self.states.stem + ".pt"
+        weights = torch_bytes(model.state_dict())
+        write_atomically(path, weights)
+        with local_copy(path, weights) as file:
+            self.child.log_artifact(file, "checkpoint")  # the curves: MLflow charts the per-epoch metrics
         seconds = time.perf_counter() - self.child.started
         metrics = {**headline, **self.parameter_counts, f"time/{self.name}_s": seconds}
         self.child.log_metrics(metrics, on_parent=True)
         self.states.clear()
         return Checkpoint(
-            phase=self.name, path=path, sha256=sha256, model=model_config, input_shape=input_shape,
+            phase=self.name, path=path, sha256=sha256(weights), model=model_config, input_shape=input_shape,
             num_classes=model.head[-1].out_features, metrics=metrics, run_id=self.child.run_id, seconds=seconds,
         )
 
@@ -164,7 +166,7 @@ def training_phase(
     Its files are named by `key`, which holds the code fingerprint as its cached result's key does, so a state
     left by older code is not resumed by newer code.
     """
-    states = EpochStates(Path(run.output_dir) / "checkpoints" / f"{name}-{key[:16]}")
+    states = EpochStates(join(run.storage, "checkpoints", f"{name}-{key[:16]}"))
     resume = states.load(logger)
     reopen = (resume["run_id"], resume["epoch"]) if resume else None
     with open_child(run, name, reopen=reopen) as child:

@@ -20,11 +20,12 @@ class RunContext(Value):
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
+    flow_run_id: str  # Prefect's, also on every MLflow run of this flow run (twostage.flow_run_id)
     seed: int
     device: str
     amp: bool
     compile: bool
-    output_dir: Path
+    storage: str  # where phases hand each other their state: an absolute local path or an object-store URL
     checkpoint_every_s: float
     rerun: str | None = None  # `--rerun PHASE`: that phase and those after it run even if reusable
 
@@ -61,7 +62,7 @@ class Checkpoint(Value):
     """A phase's trained weights (a state-dict file) and what is needed to rebuild the network."""
 
     phase: str
-    path: Path
+    path: str  # in the run's storage: a local path or an object-store URL
     sha256: str
     model: ModelConfig
     input_shape: tuple[int, int, int]

@@ -1,9 +1,11 @@
-"""Where a project's phase state lives, and how it is read back safely.
+"""Where a project's phase state lives, and how its result records are read back safely.
 
-Under one location (`output_dir`, default `outputs/` in the working folder): checkpoints and epoch states
-(`checkpoints/`), Prefect's persisted phase results (`results/`, JSON records) and the locks that keep two
-processes from training the same phase key at once (`locks/`). A phase result is reused only from this location,
-so a fresh clone never inherits another checkout's phases.
+Under one location, the run's `storage` (default `outputs/` in the working folder; an object-store URL such as
+`s3://bucket/prefix` shared by every worker): checkpoints and epoch states (`checkpoints/`), Prefect's persisted
+phase results (`results/`, JSON records, through Prefect's own result storage: a path for a local folder, a
+`RemoteFileSystem` block for a URL) and, for a local folder, the locks that keep two processes from training the
+same phase key at once (`locks/`; `tasks.locks` says which locks serve an object store). A phase result is reused
+only from this location, so a fresh clone never inherits another checkout's phases.
 
 Stored state never executes code. Prefect loads a result record with whatever serializer the record itself
 declares, so a record that says "pickle" would be unpickled even with `result_serializer="json"`, and a "json" one
@@ -16,55 +18,38 @@ again.
 from __future__ import annotations
 
 import json
-import os
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import anyio
-from filelock import FileLock, Timeout
-from prefect.locking.protocol import LockManager
+from prefect.filesystems import RemoteFileSystem, WritableFileSystem
 from prefect.serializers import JSONSerializer
 from pydantic import ValidationError
 
+from tasks.files import is_local, join, move, read_bytes
 from tasks.results import Checkpoint
 
 CHECKPOINT_CLASS = f"{Checkpoint.__module__}.{Checkpoint.__qualname__}"
 JSON_RECORDS = JSONSerializer().model_dump(mode="json")  # the serializer our records are written with, exactly
 
 
-def result_storage(output_dir: Path) -> Path:
-    """Prefect's result storage for the phases' persisted results (a path: Prefect makes it a LocalFileSystem)."""
-    return Path(output_dir) / "results"
+def result_storage(storage: str) -> Path | WritableFileSystem:
+    """Prefect's result storage for the phases' persisted results: a path (Prefect makes it a LocalFileSystem), or
+    a RemoteFileSystem block over the object store (fsspec; credentials and endpoint from the environment)."""
+    results = join(storage, "results")
+    return Path(results) if is_local(storage) else RemoteFileSystem(basepath=results)
 
 
-def phase_locks(output_dir: Path) -> ProcessLockManager:
-    return ProcessLockManager(Path(output_dir) / "locks")
-
-
-@contextmanager
-def holding(locks: LockManager, key: str) -> Iterator[None]:
-    """Hold `key`'s lock for the block (waiting for it first)."""
-    holder = f"{os.getpid()}-{threading.get_ident()}"
-    locks.acquire_lock(key, holder)
-    try:
-        yield
-    finally:
-        locks.release_lock(key, holder)
-
-
-def check_stored_result(output_dir: Path, key: str) -> str | None:
+def check_stored_result(storage: str, key: str) -> str | None:
     """None when the phase's stored result is absent or a JSON record of a Checkpoint; else why not, after moving
     the file aside to `<key>.rejected` (kept for inspection)."""
-    path = result_storage(output_dir) / key
-    if not path.exists():
+    location = join(storage, "results", key)
+    try:
+        problem = _record_problem(read_bytes(location))
+    except FileNotFoundError:
         return None
-    problem = _record_problem(path.read_bytes())
     if problem is None:
         return None
-    os.replace(path, path.with_name(f"{key}.rejected"))
-    return f"{path} {problem}, so it was not loaded (moved to {path.name}.rejected)"
+    move(location, f"{location}.rejected")
+    return f"{location} {problem}, so it was not loaded (moved to {key}.rejected)"
 
 
 def _record_problem(content: bytes) -> str | None:
@@ -80,63 +65,3 @@ def _record_problem(content: bytes) -> str | None:
     except (ValueError, TypeError, KeyError, ValidationError) as error:  # JSONDecodeError is a ValueError
         return f"is not a readable result record ({type(error).__name__})"
     return None
-
-
-class ProcessLockManager(LockManager):
-    """Prefect's LockManager over the OS's advisory file locks (the filelock library).
-
-    A lock is released when the process holding it ends, even by kill -9, so a crashed phase never blocks the next
-    run. (Prefect's FileSystemLockManager keeps a dead holder's lock until its hold timeout, and Prefect's
-    transactions set none: the next run would wait forever.)
-    """
-
-    def __init__(self, directory: Path):
-        self.directory = Path(directory)
-        self._held: dict[str, tuple[FileLock, str]] = {}
-
-    def _lock(self, key: str) -> FileLock:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        return FileLock(self.directory / f"{key}.lock", thread_local=False)
-
-    def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
-                     hold_timeout: float | None = None) -> bool:
-        if key in self._held:
-            return self._held[key][1] == holder
-        lock = self._lock(key)
-        try:
-            lock.acquire(timeout=-1 if acquire_timeout is None else acquire_timeout)
-        except Timeout:
-            return False
-        self._held[key] = (lock, holder)
-        return True
-
-    async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
-                            hold_timeout: float | None = None) -> bool:
-        return await anyio.to_thread.run_sync(self.acquire_lock, key, holder, acquire_timeout, hold_timeout)
-
-    def release_lock(self, key: str, holder: str) -> None:
-        if not self.is_lock_holder(key, holder):
-            raise ValueError(f"{holder} holds no lock on {key}")
-        lock, _ = self._held.pop(key)
-        lock.release()
-
-    def is_locked(self, key: str) -> bool:
-        if key in self._held:
-            return True
-        return not self.wait_for_lock(key, timeout=0)
-
-    def is_lock_holder(self, key: str, holder: str) -> bool:
-        return key in self._held and self._held[key][1] == holder
-
-    def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
-        """Until nobody holds the lock (True), or `timeout` seconds (False)."""
-        probe = self._lock(key)
-        try:
-            probe.acquire(timeout=-1 if timeout is None else timeout)
-        except Timeout:
-            return False
-        probe.release()
-        return True
-
-    async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
-        return await anyio.to_thread.run_sync(self.wait_for_lock, key, timeout)

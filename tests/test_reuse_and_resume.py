@@ -14,6 +14,7 @@ from configs.schema import PHASES
 from conftest import isolated_workdir, tiny_config
 from flows.two_stage import two_stage
 from tasks import phase as phase_module
+from tasks.files import name_of
 from tasks.phase import TrainingDivergedError, TrainingPhase
 
 
@@ -58,7 +59,7 @@ def test_running_the_same_config_again_reuses_every_training_phase(prefect_serve
 
 
 def test_a_run_in_another_folder_trains_anew_though_both_share_one_prefect_home(prefect_server, tmp_path):
-    """Phase results live under the run's output_dir, not in Prefect's per-user storage: a second checkout (another
+    """Phase results live in the run's storage (outputs/ by default), not in Prefect's per-user storage: a second checkout (another
     folder) never reuses the first one's phases, whose checkpoints and MLflow runs it doesn't have."""
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
@@ -186,7 +187,7 @@ def test_epoch_states_are_saved_once_checkpoint_every_s_has_passed_and_a_retry_l
     saved, save = [], phase_module.EpochStates.save
 
     def record_save(self, state):
-        if self.stem.name.startswith("head"):
+        if name_of(self.stem).startswith("head"):
             saved.append(state["epoch"])
         save(self, state)
 

@@ -160,7 +160,7 @@ def test_a_served_deployment_runs_its_cron_schedule_tracked_in_mlflow_with_summa
     tracking = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = tracking.search_runs(
         [tracking.get_experiment_by_name("quickstart").experiment_id],
-        filter_string=f"tags.`twostage.flow_run_id` = '{flow_run.id}'",
+        filter_string=f"tags.`twostage.flow_run_id` = '{flow_run.id}' and tags.`twostage.config_hash` LIKE '%'",  # the parent
     )
     assert len(runs) == 1 and runs[0].info.status == "FINISHED" and "test/acc" in runs[0].data.metrics
     summary = artifacts["twostage-summary"].data
@@ -254,5 +254,5 @@ def test_prefect_deploy_and_a_process_worker_run_a_deployment_from_prefect_yaml(
         assert client.read_flow_run(flow_run.id).state.is_completed()
     tracking = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = tracking.search_runs([tracking.get_experiment_by_name("quickstart").experiment_id],
-                                filter_string=f"tags.`twostage.flow_run_id` = '{flow_run.id}'")
+                                filter_string=f"tags.`twostage.flow_run_id` = '{flow_run.id}' and tags.`twostage.config_hash` LIKE '%'")  # the parent
     assert len(runs) == 1 and runs[0].data.metrics["test/acc"] >= 0.95

@@ -28,6 +28,7 @@ from prefect import get_run_logger
 from configs.loader import flatten, to_yaml
 from configs.schema import PipelineConfig, fingerprint
 from tasks import plots
+from tasks.files import absolute
 from tasks.results import Checkpoint, RunContext
 from tasks.tracking import registry
 from tasks.tracking.history import metric_history
@@ -62,7 +63,7 @@ def pipeline_run(
     client = open_store(uri)
     experiment = client.get_experiment_by_name(config.name)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.name)
-    abandoned = _mark_abandoned_runs_killed(client, experiment_id)
+    abandoned = _mark_abandoned_runs_killed(client, experiment_id, str(flow_run_id))
     if abandoned:
         get_run_logger().info("marked %d run(s) of dead processes KILLED: %s", len(abandoned), ", ".join(abandoned))
     config_hash = fingerprint(config)
@@ -72,10 +73,9 @@ def pipeline_run(
         tags={
             "twostage.config_hash": config_hash,
             "twostage.git_commit": _git_commit(),
-            "twostage.flow_run_id": str(flow_run_id),
             "twostage.device": device,
             "twostage.amp": "bf16" if amp else "float32",
-            **_process_tags(),
+            **_process_tags(str(flow_run_id)),
         },
     )
     run_id = parent.info.run_id
@@ -87,11 +87,12 @@ def pipeline_run(
             tracking_uri=uri,
             experiment_id=experiment_id,
             parent_run_id=run_id,
+            flow_run_id=str(flow_run_id),
             seed=config.seed,
             device=device,
             amp=amp,
             compile=config.compile,
-            output_dir=config.output_dir.resolve(),  # absolute: reused results must not depend on the cwd
+            storage=absolute(config.storage),  # reused results must not depend on the working folder
             checkpoint_every_s=config.checkpoint_every_s,
             rerun=rerun,
         )
@@ -209,7 +210,8 @@ def phase_run(context: RunContext, phase: str, reopen: tuple[str, int] | None = 
     now under this pipeline's parent run.
     """
     client = store_client(context.tracking_uri)
-    tags = {"mlflow.parentRunId": context.parent_run_id, "twostage.phase": phase, **_process_tags()}
+    tags = {"mlflow.parentRunId": context.parent_run_id, "twostage.phase": phase,
+            **_process_tags(context.flow_run_id)}
     run_id = _reopen(client, reopen[0], context.experiment_id) if reopen else None
     if run_id:
         for key, value in {**tags, "twostage.resumed_from_epoch": str(reopen[1])}.items():
@@ -260,17 +262,21 @@ def record_reuse(context: RunContext, phase: str, checkpoint: Checkpoint) -> Non
     client.log_batch(context.parent_run_id, metrics=metrics)
 
 
-def _process_tags() -> dict[str, str]:
-    return {"twostage.host": socket.gethostname(), "twostage.pid": str(os.getpid())}
+def _process_tags(flow_run_id: str) -> dict[str, str]:
+    return {"twostage.host": socket.gethostname(), "twostage.pid": str(os.getpid()), "twostage.flow_run_id": flow_run_id}
 
 
-def _mark_abandoned_runs_killed(client: MlflowClient, experiment_id: str) -> list[str]:
-    """Runs still RUNNING whose process on this host is gone (killed, crashed) become KILLED."""
+def _mark_abandoned_runs_killed(client: MlflowClient, experiment_id: str, flow_run_id: str) -> list[str]:
+    """Runs still RUNNING whose process is gone become KILLED: those of a dead process on this host, and on any host
+    those of an earlier attempt of this flow run (a worker that died: Prefect marked its run Crashed and retries it
+    here, perhaps on another host)."""
     host = socket.gethostname()
     abandoned = []
     for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
         tags = run.data.tags
-        if tags.get("twostage.host") == host and not _process_alive(int(tags.get("twostage.pid", "0"))):
+        dead_here = tags.get("twostage.host") == host and not _process_alive(int(tags.get("twostage.pid", "0")))
+        earlier_attempt = flow_run_id != "None" and tags.get("twostage.flow_run_id") == flow_run_id
+        if dead_here or earlier_attempt:
             client.set_terminated(run.info.run_id, "KILLED")
             abandoned.append(run.info.run_id)
     return abandoned

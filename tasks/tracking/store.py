@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 from mlflow.tracking import MlflowClient
 
 from configs.errors import UserError
-from tasks.storage import ProcessLockManager, holding
+from tasks.locks import ProcessLockManager, holding
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store
