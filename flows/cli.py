@@ -98,6 +98,18 @@ def run_pipeline(config_path: str, overrides: list[str], rerun: str | None = Non
             print(f"twostage: stopped by {stopped.name}; the MLflow runs are marked KILLED and nothing was registered. "
                   "Run the same command to resume after the last saved epoch.", file=sys.stderr)
             return stopped.exit_code
+        except Exception as error:
+            from prefect.settings import get_current_settings
+
+            from flows.servers import lost_server
+
+            server = lost_server(error, tracking_uri(), get_current_settings().api.url)
+            if server is None:
+                raise
+            print(f"twostage: error: {server} stopped answering during the run ({type(error).__name__}). Finished "
+                  "phases and the last saved epoch state are kept in the run's storage: once it answers again, run "
+                  "the same command to resume.", file=sys.stderr)
+            return 3
     metrics = "  ".join(f"{name} {value:.4f}" for name, value in report.metrics.items())
     uri = tracking_uri()
     print(f"\nModel registry: {report.promotion}")

@@ -17,6 +17,7 @@ again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -33,9 +34,15 @@ JSON_RECORDS = JSONSerializer().model_dump(mode="json")  # the serializer our re
 
 def result_storage(storage: str) -> Path | WritableFileSystem:
     """Prefect's result storage for the phases' persisted results: a path (Prefect makes it a LocalFileSystem), or
-    a RemoteFileSystem block over the object store (fsspec; credentials and endpoint from the environment)."""
+    a RemoteFileSystem block over the object store, saved on the Prefect server (Prefect takes only saved blocks)
+    as `remote-file-system/twostage-results-<digest of the URL>`. It holds the URL alone: fsspec finds the
+    credentials and endpoint in the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)."""
     results = join(storage, "results")
-    return Path(results) if is_local(storage) else RemoteFileSystem(basepath=results)
+    if is_local(storage):
+        return Path(results)
+    block = RemoteFileSystem(basepath=results)
+    block.save(f"twostage-results-{hashlib.sha256(results.encode()).hexdigest()[:16]}", overwrite=True)
+    return block
 
 
 def check_stored_result(storage: str, key: str) -> str | None:
