@@ -4,13 +4,15 @@
 # `make lock`: lock what pyproject.toml asks for now, keeping every version already pinned that its range admits.
 # `make lock-upgrade`: refresh requirements.lock to the newest versions pyproject.toml's ranges allow.
 # `make drift`: install those newest versions in .venv-drift and run the tests on a real Prefect server with them.
+# `make stack`: start the team stack on loopback (PostgreSQL, S3, Prefect server + 2 workers, MLflow) in .stack/.
+# `make stack-down`: stop every process `make stack` started (by the PIDs recorded in .stack/stack.json).
 PYTHON ?= python3
 VENV := .venv
 INSTALLED := $(VENV)/.installed
 LOCK := requirements.lock
 PIP_TOOLS := pip-tools==7.6.2
 
-.PHONY: install run test test-fast lock lock-upgrade drift clean
+.PHONY: install run test test-fast lock lock-upgrade drift clean stack stack-down
 
 install: $(INSTALLED)
 
@@ -31,7 +33,7 @@ test: $(INSTALLED)
 	$(VENV)/bin/python -m pytest
 
 test-fast: $(INSTALLED)
-	$(VENV)/bin/python -m pytest -m "not engine and not cli and not server and not benchmark"
+	$(VENV)/bin/python -m pytest -m "not engine and not cli and not server and not benchmark and not stack"
 
 PIP_COMPILE_FLAGS ?=
 lock:
@@ -59,6 +61,12 @@ drift:
 	else \
 		.venv-drift/bin/python -m pytest -m "$(DRIFT_TESTS)"; \
 	fi
+
+stack: $(INSTALLED)
+	$(VENV)/bin/python deploy/stack.py up
+
+stack-down:
+	$(VENV)/bin/python deploy/stack.py down
 
 clean:
 	rm -rf $(VENV) .venv-lock .venv-drift outputs data/prepared mlflow.db mlruns mlartifacts

@@ -102,7 +102,8 @@ def test_pretraining_logs_its_epochs_figures_and_headline_and_returns_an_intact_
         checkpoint = train_encoder(training, config, ModelConfig(encoder_widths=[32, 16]), digits[0])
     assert [epoch.step for epoch in tracker.epochs] == [1, 2]
     assert tracker.figures == figures and headline in tracker.metrics
-    assert sha256(checkpoint.path) == checkpoint.sha256 and tracker.artifacts == [f"checkpoint/{name_of(checkpoint.path)}"]
+    assert sha256(checkpoint.path) == checkpoint.sha256
+    assert tracker.artifacts == [f"checkpoint/{name_of(checkpoint.path)}"]
     assert checkpoint.phase == "pretrain" and checkpoint.run_id == "fake-run"
     assert not list(Path(run.storage).glob("checkpoints/*.state*.pt"))  # epoch states cleared once finished
 

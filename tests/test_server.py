@@ -25,6 +25,7 @@ from conftest import REPO
 pytestmark = pytest.mark.server
 BIN = Path(sys.executable).parent
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
+PARENT_OF = "tags.`twostage.flow_run_id` = '{}' and tags.`twostage.config_hash` LIKE '%'"  # not its phases' runs
 FAST = ["--set=pretrain.epochs=2", "--set=head.epochs=2", "--set=finetune.epochs=2"]
 
 
@@ -160,7 +161,7 @@ def test_a_served_deployment_runs_its_cron_schedule_tracked_in_mlflow_with_summa
     tracking = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = tracking.search_runs(
         [tracking.get_experiment_by_name("quickstart").experiment_id],
-        filter_string=f"tags.`twostage.flow_run_id` = '{flow_run.id}' and tags.`twostage.config_hash` LIKE '%'",  # the parent
+        filter_string=PARENT_OF.format(flow_run.id),
     )
     assert len(runs) == 1 and runs[0].info.status == "FINISHED" and "test/acc" in runs[0].data.metrics
     summary = artifacts["twostage-summary"].data
@@ -254,5 +255,5 @@ def test_prefect_deploy_and_a_process_worker_run_a_deployment_from_prefect_yaml(
         assert client.read_flow_run(flow_run.id).state.is_completed()
     tracking = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = tracking.search_runs([tracking.get_experiment_by_name("quickstart").experiment_id],
-                                filter_string=f"tags.`twostage.flow_run_id` = '{flow_run.id}' and tags.`twostage.config_hash` LIKE '%'")  # the parent
+                                filter_string=PARENT_OF.format(flow_run.id))
     assert len(runs) == 1 and runs[0].data.metrics["test/acc"] >= 0.95

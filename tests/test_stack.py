@@ -1,0 +1,225 @@
+"""The team stack on loopback (`make stack`, deploy/stack.py): PostgreSQL, an S3 store (SeaweedFS), the Prefect and
+MLflow servers on them, two process workers, and the heartbeat automation that marks a dead worker's run Crashed.
+
+Marked `stack`: the module starts one stack in a temporary folder (about a minute) and stops it at the end, checking
+that nothing it started survives. Phases hand each other their state through the object store
+(TWOSTAGE_STORAGE=s3://twostage/phases), so a flow run retried on the other worker finds it there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, tiny_config
+
+pytestmark = pytest.mark.stack
+CLIENT_VARIABLES = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "TWOSTAGE_STORAGE", "AWS_ENDPOINT_URL",
+                    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL")
+
+
+@dataclass
+class Stack:
+    folder: Path
+    env: dict[str, str]  # what `make stack` tells a client to export
+
+    @property
+    def processes(self) -> dict[str, dict]:
+        return json.loads((self.folder / "stack.json").read_text())["processes"]
+
+    def worker_log(self, name: str) -> str:
+        return Path(self.processes[name]["log"]).read_text(errors="replace")
+
+    def workers_that_ran(self, flow_run_id) -> list[str]:
+        return [name for name in ("worker-1", "worker-2") if str(flow_run_id) in self.worker_log(name)]
+
+
+def stack_command(folder: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key not in CLIENT_VARIABLES}
+    return subprocess.run([sys.executable, str(REPO / "deploy" / "stack.py"), *args], cwd=REPO, timeout=timeout,
+                          env={**env, "TWOSTAGE_STACK_DIR": str(folder)}, capture_output=True, text=True)
+
+
+def exported(env_file: Path) -> dict[str, str]:
+    return dict(re.findall(r"^export (\w+)=(\S*)$", env_file.read_text(), flags=re.M))
+
+
+@pytest.fixture(scope="module")
+def stack() -> Stack:
+    # Not under pytest's tmp_path: its root is private to us, and PostgreSQL runs as the user `postgres` when we are
+    # root, so its cluster needs a folder that user can reach.
+    folder = Path(tempfile.mkdtemp(prefix="twostage-stack-"))
+    folder.chmod(0o755)
+    up = stack_command(folder, "up")
+    try:
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        stack = Stack(folder, exported(folder / "env"))
+        assert {"PREFECT_API_URL", "MLFLOW_TRACKING_URI", "TWOSTAGE_STORAGE"} <= set(stack.env)
+        yield stack
+    finally:
+        pids = [process["pid"] for process in json.loads((folder / "stack.json").read_text())["processes"].values()] \
+            if (folder / "stack.json").exists() else []
+        down = stack_command(folder, "down")
+        assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
+        assert not [pid for pid in pids if Path(f"/proc/{pid}").exists() and not _zombie(pid)]
+        shutil.rmtree(folder)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+    except OSError:
+        return True
+
+
+@pytest.fixture
+def client_env(stack, monkeypatch):
+    """This process as a client of the stack: the exports `make stack` prints."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    for key, value in stack.env.items():
+        monkeypatch.setenv(key, value)
+    with temporary_settings({PREFECT_API_URL: stack.env["PREFECT_API_URL"]}):
+        yield stack.env
+
+
+def wait_for(condition, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def flow_run(flow_run_id):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id)
+
+
+def submit(config: dict):
+    """A flow run of the quickstart deployment with this config, on whichever worker takes it."""
+    from prefect.deployments import run_deployment
+
+    return run_deployment("two-stage/quickstart", parameters={"config": config}, timeout=0).id
+
+
+def finished(flow_run_id) -> bool:
+    state = flow_run(flow_run_id).state
+    assert not (state.is_failed() or state.is_cancelled()), f"flow run {flow_run_id}: {state.type} {state.message}"
+    return state.is_completed()
+
+
+def runs_of(tracking: MlflowClient, experiment: str, flow_run_id) -> list:
+    found = tracking.get_experiment_by_name(experiment)
+    if not found:
+        return []
+    return tracking.search_runs([found.experiment_id], f"tags.`twostage.flow_run_id` = '{flow_run_id}'")
+
+
+def steps(tracking: MlflowClient, run_id: str) -> list[int]:
+    return sorted(metric.step for metric in tracking.get_metric_history(run_id, "train/loss"))
+
+
+def test_two_runs_at_once_run_one_on_each_worker_through_the_object_store_and_the_better_one_is_champion(
+    client_env, stack, tmp_path
+):
+    data = {"dataset": "digits", "root": str(tmp_path / "data")}
+    ids = [submit(tiny_config(name="stack-load", seed=seed, data=data)) for seed in (0, 1)]
+    wait_for(lambda: all(finished(i) for i in ids), 300, "both flow runs to complete")
+
+    assert sorted(worker for i in ids for worker in stack.workers_that_ran(i)) == ["worker-1", "worker-2"]
+    tracking = MlflowClient(client_env["MLFLOW_TRACKING_URI"])
+    parents = {}
+    for i in ids:
+        runs = runs_of(tracking, "stack-load", i)
+        assert {run.info.status for run in runs} == {"FINISHED"} and len(runs) == 6  # the parent and its 5 phases
+        parents[i] = next(run for run in runs if "twostage.config_hash" in run.data.tags)
+        for child in runs:
+            if child.data.tags.get("twostage.phase") in ("pretrain", "head", "finetune"):
+                assert steps(tracking, child.info.run_id) == [1, 2]  # every epoch once
+    best = max(parents.values(), key=lambda run: run.data.metrics["test/acc"])
+    champion = tracking.get_model_version_by_alias("stack-load", "champion")
+    assert tracking.get_run(champion.run_id).data.tags["mlflow.parentRunId"] == best.info.run_id
+
+    import s3fs
+
+    stored = s3fs.S3FileSystem().find(client_env["TWOSTAGE_STORAGE"])
+    assert len([key for key in stored if "/checkpoints/" in key and key.endswith(".pt")]) >= 6  # 3 phases, 2 seeds
+    assert len([key for key in stored if "/results/" in key]) >= 6 and not [key for key in stored if ".tmp" in key]
+
+
+def test_a_worker_killed_mid_finetune_crashes_its_run_which_the_other_worker_resumes_from_the_object_store(
+    client_env, stack, tmp_path
+):
+    config = tiny_config(name="stack-kill", data={"dataset": "digits", "root": str(tmp_path / "data")},
+                         finetune={"epochs": 400, "batch_size": 32}, checkpoint_every_s=0)
+    flow_run_id = submit(config)
+    tracking = MlflowClient(client_env["MLFLOW_TRACKING_URI"])
+
+    def finetune_child():
+        runs = [run for run in runs_of(tracking, "stack-kill", flow_run_id)
+                if run.data.tags.get("twostage.phase") == "finetune"]
+        return runs[0] if runs and len(steps(tracking, runs[0].info.run_id)) >= 5 else None
+
+    child = wait_for(finetune_child, 300, "five finetune epochs in MLflow")
+    (victim,) = stack.workers_that_ran(flow_run_id)
+    flow_process = int(child.data.tags["twostage.pid"])
+    os.killpg(stack.processes[victim]["pgid"], signal.SIGKILL)
+    os.kill(flow_process, signal.SIGKILL)
+    killed_at = len(steps(tracking, child.info.run_id))
+    started = time.monotonic()
+
+    wait_for(lambda: flow_run(flow_run_id).state.is_crashed() or flow_run(flow_run_id).run_count > 1, 240,
+             "the automation to mark the run Crashed")
+    crashed_after = time.monotonic() - started
+    wait_for(lambda: finished(flow_run_id), 420, "the retried run to complete")
+    survivor = "worker-2" if victim == "worker-1" else "worker-1"
+    assert survivor in stack.workers_that_ran(flow_run_id)
+    print(f"\ncrash detected {crashed_after:.0f} s after kill -9; finetune killed after epoch {killed_at}")
+
+    runs = runs_of(tracking, "stack-kill", flow_run_id)
+    assert not [run for run in runs if run.info.status == "RUNNING"]
+    parents = [run for run in runs if "twostage.config_hash" in run.data.tags]
+    assert sorted(run.info.status for run in parents) == ["FINISHED", "KILLED"]
+    retried = next(run for run in parents if run.info.status == "FINISHED")
+    assert {"twostage.reused.pretrain", "twostage.reused.head"} <= set(retried.data.tags)
+    finetunes = [run for run in runs if run.data.tags.get("twostage.phase") == "finetune"]
+    assert len(finetunes) == 1 and finetunes[0].info.run_id == child.info.run_id  # one child, reopened
+    resumed_from = int(finetunes[0].data.tags["twostage.resumed_from_epoch"])
+    assert 1 <= resumed_from <= killed_at and steps(tracking, child.info.run_id) == list(range(1, 401))
+    print(f"resumed after epoch {resumed_from}: {killed_at - resumed_from} epoch(s) trained again; "
+          "pretrain and head reused")
+
+
+def test_a_fresh_folder_on_the_default_storage_reuses_nothing_from_the_object_store(client_env, stack, tmp_path,
+                                                                                     monkeypatch):
+    config = ["--set=name=stack-fresh", f"--set=data.root={tmp_path / 'data'}"] + [
+        f"--set={phase}.epochs=2" for phase in ("pretrain", "head", "finetune")]
+    command = [str(Path(sys.executable).parent / "twostage"), "run", "-c", str(REPO / "configs/quickstart.yaml")]
+    shared = subprocess.run(command + config, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert shared.returncode == 0, shared.stderr[-3000:]
+    monkeypatch.delenv("TWOSTAGE_STORAGE")
+    (tmp_path / "fresh").mkdir()
+    fresh = subprocess.run(command + config, cwd=tmp_path / "fresh", capture_output=True, text=True, timeout=600)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert "reused the completed phase" not in fresh.stderr and (tmp_path / "fresh" / "outputs" / "results").is_dir()
+    (tmp_path / "another").mkdir()
+    again = subprocess.run(command + config, cwd=tmp_path / "another", capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "TWOSTAGE_STORAGE": client_env["TWOSTAGE_STORAGE"]})
+    assert again.stderr.count("reused the completed phase") == 3  # the object store's phases, from any folder
