@@ -263,7 +263,8 @@ def record_reuse(context: RunContext, phase: str, checkpoint: Checkpoint) -> Non
 
 
 def _process_tags(flow_run_id: str) -> dict[str, str]:
-    return {"twostage.host": socket.gethostname(), "twostage.pid": str(os.getpid()), "twostage.flow_run_id": flow_run_id}
+    return {"twostage.host": socket.gethostname(), "twostage.pid": str(os.getpid()),
+            "twostage.flow_run_id": flow_run_id}
 
 
 def _mark_abandoned_runs_killed(client: MlflowClient, experiment_id: str, flow_run_id: str) -> list[str]:
