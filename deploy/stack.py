@@ -1,4 +1,4 @@
-"""The team stack on this machine's loopback: `python deploy/stack.py up|down|env|status`.
+"""The team stack on this machine's loopback: `python deploy/stack.py up|down|env|status|restart SERVER`.
 
 Every server binds to 127.0.0.1 on a port picked free at `up`, and is started in this order, each waited for:
 
@@ -211,7 +211,14 @@ def write_private(path: Path, text: str) -> None:
 class Up:
     """Starts the components in order, recording each process in stack.json the moment it exists."""
 
-    def __init__(self) -> None:
+    def __init__(self, recorded: dict | None = None) -> None:
+        """A new stack on free ports, or (`recorded`: stack.json's state) the running one, to restart a component."""
+        if recorded:
+            self.ports, self.state = recorded["ports"], recorded
+            words = shlex.split(ENV_FILE.read_text())  # export K=V ...
+            self.client_env = dict(word.split("=", 1) for word in words if word != "export")
+            self.pg_url = f"postgres@{HOST}:{self.ports['postgres']}"
+            return
         names = ["postgres", "s3", "prefect", "mlflow", "s3_grpc", "s3_master", "s3_master_grpc", "s3_volume",
                  "s3_volume_grpc", "s3_filer", "s3_filer_grpc"]  # fmt: skip
         admin = free_port_pair()  # the admin's HTTP and gRPC ports: SeaweedFS wants them 10000 apart
@@ -338,6 +345,10 @@ class Up:
             "PREFECT_HOME": str(STACK / "prefect"),
             "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{self.pg_url}/prefect",
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            # Concurrency leases (the pipeline's phase locks) on disk, not in the server's memory: a restarted server
+            # still knows a slot's lease, and frees the slot when the lease runs out. In memory, a slot held across
+            # a restart is never freed, and the next run of that phase waits forever (seen here).
+            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
         }
         cmd = [BIN / "prefect", "server", "start", "--host", HOST, "--port", self.ports["prefect"]]
         rec = self.spawn("prefect-server", cmd, env)
@@ -516,6 +527,26 @@ def status() -> int:
     return 0 if all_up else 3
 
 
+RESTARTABLE = {"prefect-server": Up.prefect_server, "mlflow": Up.mlflow}
+
+
+def restart(name: str) -> int:
+    """Stop one server of the running stack and start it again on its port (what a server restart or an outage
+    looks like to the pipeline)."""
+    state = load_state()
+    if not state or name not in state["processes"]:
+        print(f"stack: no {name} recorded in {STATE}", file=sys.stderr)
+        return 1
+    stop(name, state["processes"][name])
+    try:
+        RESTARTABLE[name](Up(recorded=state))
+    except StackError as error:
+        print(f"stack restart failed: {error}", file=sys.stderr)
+        return 1
+    print(f"  {name:<15} restarted, pid {state['processes'][name]['pid']}")
+    return 0
+
+
 def env() -> int:
     if not ENV_FILE.exists():
         print(f"stack: not running (no {ENV_FILE})", file=sys.stderr)
@@ -526,6 +557,8 @@ def env() -> int:
 
 if __name__ == "__main__":
     commands = {"up": up, "down": down, "status": status, "env": env}
+    if len(sys.argv) == 3 and sys.argv[1] == "restart" and sys.argv[2] in RESTARTABLE:
+        sys.exit(restart(sys.argv[2]))
     if len(sys.argv) != 2 or sys.argv[1] not in commands:
-        sys.exit(f"usage: {Path(sys.argv[0]).name} {'|'.join(commands)}")
+        sys.exit(f"usage: {Path(sys.argv[0]).name} {'|'.join(commands)} | restart {'|'.join(RESTARTABLE)}")
     sys.exit(commands[sys.argv[1]]())

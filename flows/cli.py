@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -84,12 +85,15 @@ def run_pipeline(config_path: str, overrides: list[str], rerun: str | None = Non
 
     resolve_device(config.device)  # fail before any run is opened if the device is missing
 
+    from prefect.settings import get_current_settings
+
     from flows.interrupts import start_ephemeral_server_shielded, stop_on_signals
     from flows.two_stage import run_here  # imports Prefect, MLflow and torch: only once the config is valid
     from tasks.tracking import open_store, run_url, tracking_uri
 
+    prefect_api_url = get_current_settings().api.url
     open_store(tracking_uri())  # a bad URI, an MLflow server that is down, a broken store: say so now, in one line
-    _hide_tracebacks_of_user_errors()
+    _hide_tracebacks_of_expected_errors(tracking_uri(), prefect_api_url)
     with stop_on_signals() as stopped:
         try:
             start_ephemeral_server_shielded()
@@ -99,16 +103,19 @@ def run_pipeline(config_path: str, overrides: list[str], rerun: str | None = Non
                   "Run the same command to resume after the last saved epoch.", file=sys.stderr)
             return stopped.exit_code
         except Exception as error:
-            from prefect.settings import get_current_settings
-
             from flows.servers import lost_server
 
-            server = lost_server(error, tracking_uri(), get_current_settings().api.url)
+            server = lost_server(error, tracking_uri(), prefect_api_url)
             if server is None:
                 raise
             print(f"twostage: error: {server} stopped answering during the run ({type(error).__name__}). Finished "
                   "phases and the last saved epoch state are kept in the run's storage: once it answers again, run "
                   "the same command to resume.", file=sys.stderr)
+            if server.startswith("the Prefect server"):
+                # Prefect's log and event services would retry the dead server for minutes at exit (4 min
+                # measured) before the process ends: nothing more can reach it, and every run is ended already.
+                sys.stdout.flush(), sys.stderr.flush()
+                os._exit(3)
             return 3
     metrics = "  ".join(f"{name} {value:.4f}" for name, value in report.metrics.items())
     uri = tracking_uri()
@@ -173,19 +180,27 @@ def _mlflow_command() -> str:
         return str(beside)
 
 
-class _NoTracebackForUserErrors(logging.Filter):
+class _NoTracebackForExpectedErrors(logging.Filter):
+    def __init__(self, tracking_uri: str, prefect_api_url: str | None):
+        super().__init__()
+        self.servers = tracking_uri, prefect_api_url
+
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], UserError):
+        from flows.servers import lost_server
+
+        if record.exc_info and (isinstance(record.exc_info[1], UserError) or
+                                lost_server(record.exc_info[1], *self.servers)):
             record.exc_info, record.exc_text = None, None
         return True
 
 
-def _hide_tracebacks_of_user_errors() -> None:
-    """Prefect logs a failed task's traceback; for a config or data mistake the one-line message is enough."""
+def _hide_tracebacks_of_expected_errors(tracking_uri: str, prefect_api_url: str | None) -> None:
+    """Prefect logs a failed task's traceback; for a config or data mistake, or a server that stopped answering,
+    the one-line message is enough."""
     loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict) if name.startswith("prefect")]
     for logger in [logging.getLogger(), *loggers]:
         for handler in logger.handlers:
-            handler.addFilter(_NoTracebackForUserErrors())
+            handler.addFilter(_NoTracebackForExpectedErrors(tracking_uri, prefect_api_url))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, tiny_config
@@ -136,32 +137,43 @@ def steps(tracking: MlflowClient, run_id: str) -> list[int]:
     return sorted(metric.step for metric in tracking.get_metric_history(run_id, "train/loss"))
 
 
-def test_two_runs_at_once_run_one_on_each_worker_through_the_object_store_and_the_better_one_is_champion(
+def test_four_runs_at_once_two_on_the_workers_two_from_clients_lose_and_duplicate_nothing_and_the_best_is_champion(
     client_env, stack, tmp_path
 ):
     data = {"dataset": "digits", "root": str(tmp_path / "data")}
     ids = [submit(tiny_config(name="stack-load", seed=seed, data=data)) for seed in (0, 1)]
-    wait_for(lambda: all(finished(i) for i in ids), 300, "both flow runs to complete")
+    clients = []
+    for seed in (2, 3):  # `twostage run` with the exports, from folders of their own
+        folder = tmp_path / f"client-{seed}"
+        folder.mkdir()
+        (folder / "config.yaml").write_text(yaml.safe_dump(tiny_config(name="stack-load", seed=seed, data=data)))
+        clients.append(subprocess.Popen([str(Path(sys.executable).parent / "twostage"), "run", "-c", "config.yaml"],
+                                        cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    wait_for(lambda: all(finished(i) for i in ids), 420, "both flow runs on the workers to complete")
+    for client in clients:
+        assert client.wait(timeout=420) == 0, client.stderr.read()[-3000:]
 
     assert sorted(worker for i in ids for worker in stack.workers_that_ran(i)) == ["worker-1", "worker-2"]
     tracking = MlflowClient(client_env["MLFLOW_TRACKING_URI"])
-    parents = {}
-    for i in ids:
-        runs = runs_of(tracking, "stack-load", i)
-        assert {run.info.status for run in runs} == {"FINISHED"} and len(runs) == 6  # the parent and its 5 phases
-        parents[i] = next(run for run in runs if "twostage.config_hash" in run.data.tags)
-        for child in runs:
-            if child.data.tags.get("twostage.phase") in ("pretrain", "head", "finetune"):
-                assert steps(tracking, child.info.run_id) == [1, 2]  # every epoch once
-    best = max(parents.values(), key=lambda run: run.data.metrics["test/acc"])
+    experiment = tracking.get_experiment_by_name("stack-load").experiment_id
+    everything = tracking.search_runs([experiment], max_results=1000)
+    parents = [run for run in everything if "twostage.config_hash" in run.data.tags]
+    assert len(parents) == 4 and len(everything) == 4 * 6  # each parent and its 5 phases, nothing twice
+    assert {run.info.status for run in everything} == {"FINISHED"}
+    for run in everything:
+        if run.data.tags.get("twostage.phase") in ("pretrain", "head", "finetune"):
+            assert steps(tracking, run.info.run_id) == [1, 2]  # every epoch once
+    versions = tracking.search_model_versions("name = 'stack-load'")
     champion = tracking.get_model_version_by_alias("stack-load", "champion")
-    assert tracking.get_run(champion.run_id).data.tags["mlflow.parentRunId"] == best.info.run_id
+    assert len(versions) == 4
+    champion_parent = tracking.get_run(tracking.get_run(champion.run_id).data.tags["mlflow.parentRunId"])
+    assert champion_parent.data.metrics["test/acc"] == max(parent.data.metrics["test/acc"] for parent in parents)
 
     import s3fs
 
     stored = s3fs.S3FileSystem().find(client_env["TWOSTAGE_STORAGE"])
-    assert len([key for key in stored if "/checkpoints/" in key and key.endswith(".pt")]) >= 6  # 3 phases, 2 seeds
-    assert len([key for key in stored if "/results/" in key]) >= 6 and not [key for key in stored if ".tmp" in key]
+    assert len([key for key in stored if "/checkpoints/" in key and key.endswith(".pt")]) >= 12  # 3 phases, 4 seeds
+    assert len([key for key in stored if "/results/" in key]) >= 12 and not [key for key in stored if ".tmp" in key]
 
 
 def test_a_worker_killed_mid_finetune_crashes_its_run_which_the_other_worker_resumes_from_the_object_store(
@@ -223,3 +235,29 @@ def test_a_fresh_folder_on_the_default_storage_reuses_nothing_from_the_object_st
     again = subprocess.run(command + config, cwd=tmp_path / "another", capture_output=True, text=True, timeout=600,
                            env={**os.environ, "TWOSTAGE_STORAGE": client_env["TWOSTAGE_STORAGE"]})
     assert again.stderr.count("reused the completed phase") == 3  # the object store's phases, from any folder
+
+
+def test_an_mlflow_server_stopped_mid_run_ends_the_run_naming_it_and_the_same_command_resumes_once_it_is_back(
+    client_env, stack, tmp_path
+):
+    config = tiny_config(name="stack-outage", data={"dataset": "digits", "root": str(tmp_path / "data")},
+                         finetune={"epochs": 3000}, checkpoint_every_s=0.5)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    command = [str(Path(sys.executable).parent / "twostage"), "run", "-c", "config.yaml"]
+    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}  # MLflow's client gives up at once, not in minutes
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+        wait_for(lambda: (tmp_path / "first.log").read_text().count("finetune epoch") >= 30, 300, "finetune epochs")
+        mlflow_server = stack.processes["mlflow"]
+        os.killpg(mlflow_server["pgid"], signal.SIGTERM)
+        assert first.wait(timeout=300) == 3
+    output = (tmp_path / "first.log").read_text()
+    assert f"twostage: error: the MLflow tracking server {client_env['MLFLOW_TRACKING_URI']} stopped answering" in output
+    assert "run the same command to resume" in output and "Traceback" not in output
+
+    restarted = stack_command(stack.folder, "restart", "mlflow")
+    assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("reused the completed phase") == 2  # pretrain and head
+    assert re.search(r"finetune: resuming after epoch \d+/3000", again.stderr)

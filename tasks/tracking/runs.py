@@ -168,7 +168,15 @@ class PhaseRun:
             for split, shape in splits.items()
         ]
         for run_id in (self.run_id, self.context.parent_run_id):
-            self.client.log_inputs(run_id, datasets=inputs)
+            try:
+                self.client.log_inputs(run_id, datasets=inputs)
+            except MlflowException as error:
+                # MLflow's SQL store looks a dataset up, then inserts it: two runs logging the same new dataset at
+                # once both insert, and one fails on the primary key (seen on PostgreSQL with four runs at once).
+                # The dataset exists now, so the same call succeeds.
+                if "dataset_pk" not in str(error) and "UNIQUE constraint failed: datasets" not in str(error):
+                    raise
+                self.client.log_inputs(run_id, datasets=inputs)
 
     def log_model(self, model, input_example, registered_name: str, metadata: dict, tags: dict[str, str]):
         """Log the final PyTorch model (signature inferred from the example) as a new registered version.
