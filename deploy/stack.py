@@ -349,6 +349,8 @@ class Up:
             # still knows a slot's lease, and frees the slot when the lease runs out. In memory, a slot held across
             # a restart is never freed, and the next run of that phase waits forever (seen here).
             "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
+            # The UI asks the API at this address; unset, it assumes port 4200 and shows "Can't connect" (seen here).
+            "PREFECT_UI_API_URL": f"http://{HOST}:{self.ports['prefect']}/api",
         }
         cmd = [BIN / "prefect", "server", "start", "--host", HOST, "--port", self.ports["prefect"]]
         rec = self.spawn("prefect-server", cmd, env)

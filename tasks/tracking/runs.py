@@ -24,6 +24,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from prefect import get_run_logger
+from prefect.settings import get_current_settings
 
 from configs.loader import flatten, to_yaml
 from configs.schema import PipelineConfig, fingerprint
@@ -76,6 +77,7 @@ def pipeline_run(
             "twostage.device": device,
             "twostage.amp": "bf16" if amp else "float32",
             **_process_tags(str(flow_run_id)),
+            **_prefect_link(flow_run_id),
         },
     )
     run_id = parent.info.run_id
@@ -268,6 +270,16 @@ def record_reuse(context: RunContext, phase: str, checkpoint: Checkpoint) -> Non
     stamp = int(time.time() * 1000)
     metrics = [Metric(name, value, stamp, 0) for name, value in checkpoint.metrics.items()]
     client.log_batch(context.parent_run_id, metrics=metrics)
+
+
+def _prefect_link(flow_run_id: str | None) -> dict[str, str]:
+    """The flow run's page in the Prefect UI, as a tag and as the run's description (the MLflow UI shows it as
+    markdown, a link); none for the ephemeral server, which ends with the run."""
+    settings = get_current_settings()
+    if flow_run_id is None or not settings.api.url or not settings.ui_url:
+        return {}
+    url = f"{settings.ui_url.rstrip('/')}/runs/flow-run/{flow_run_id}"
+    return {"twostage.prefect_flow_run_url": url, "mlflow.note.content": f"Prefect flow run: [{url}]({url})"}
 
 
 def _process_tags(flow_run_id: str) -> dict[str, str]:
