@@ -54,7 +54,7 @@ lock-upgrade:
 DRIFT_TESTS ?= server
 drift:
 	$(PYTHON) -m venv --clear .venv-drift
-	.venv-drift/bin/python -m pip install --disable-pip-version-check --upgrade --upgrade-strategy eager -e ".[test,stack]"
+	.venv-drift/bin/python -m pip install --disable-pip-version-check --upgrade --upgrade-strategy eager -e ".[test]"
 	.venv-drift/bin/python .ci/drift_report.py $(LOCK) | tee .venv-drift/report.txt
 	@if grep -q "^drift: 0 of" .venv-drift/report.txt; then \
 		echo "drift: nothing to test beyond make test"; \
