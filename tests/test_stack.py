@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from test_server import wait_for
 
 from conftest import REPO, tiny_config
 
@@ -94,16 +95,6 @@ def client_env(stack, monkeypatch):
         monkeypatch.setenv(key, value)
     with temporary_settings({PREFECT_API_URL: stack.env["PREFECT_API_URL"]}):
         yield stack.env
-
-
-def wait_for(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def flow_run(flow_run_id):
