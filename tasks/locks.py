@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 from filelock import FileLock, Timeout
@@ -44,30 +45,26 @@ def holding(locks: LockManager, key: str) -> Iterator[None]:
         locks.release_lock(key, holder)
 
 
-class ProcessLockManager(LockManager):
-    """Prefect's LockManager over the OS's advisory file locks (the filelock library).
+class _HeldLocks(LockManager):
+    """What both lock managers keep alike: the locks this process holds, by key, with their holder. A subclass
+    takes a key's lock (`_take`: the held object, None on timeout), frees it, and answers is_locked and
+    wait_for_lock."""
 
-    A lock is released when the process holding it ends, even by kill -9, so a crashed phase never blocks the next
-    run. (Prefect's FileSystemLockManager keeps a dead holder's lock until its hold timeout, and Prefect's
-    transactions set none: the next run would wait forever.)
-    """
+    def __init__(self):
+        self._held: dict[str, tuple[Any, str]] = {}
 
-    def __init__(self, directory: Path):
-        self.directory = Path(directory)
-        self._held: dict[str, tuple[FileLock, str]] = {}
+    def _take(self, key: str, timeout: float | None) -> Any | None:
+        raise NotImplementedError
 
-    def _lock(self, key: str) -> FileLock:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        return FileLock(self.directory / f"{key}.lock", thread_local=False)
+    def _free(self, lock: Any) -> None:
+        raise NotImplementedError
 
     def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
                      hold_timeout: float | None = None) -> bool:
         if key in self._held:
             return self._held[key][1] == holder
-        lock = self._lock(key)
-        try:
-            lock.acquire(timeout=-1 if acquire_timeout is None else acquire_timeout)
-        except Timeout:
+        lock = self._take(key, acquire_timeout)
+        if lock is None:
             return False
         self._held[key] = (lock, holder)
         return True
@@ -80,6 +77,40 @@ class ProcessLockManager(LockManager):
         if not self.is_lock_holder(key, holder):
             raise ValueError(f"{holder} holds no lock on {key}")
         lock, _ = self._held.pop(key)
+        self._free(lock)
+
+    def is_lock_holder(self, key: str, holder: str) -> bool:
+        return key in self._held and self._held[key][1] == holder
+
+    async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        return await anyio.to_thread.run_sync(self.wait_for_lock, key, timeout)
+
+
+class ProcessLockManager(_HeldLocks):
+    """Prefect's LockManager over the OS's advisory file locks (the filelock library).
+
+    A lock is released when the process holding it ends, even by kill -9, so a crashed phase never blocks the next
+    run. (Prefect's FileSystemLockManager keeps a dead holder's lock until its hold timeout, and Prefect's
+    transactions set none: the next run would wait forever.)
+    """
+
+    def __init__(self, directory: Path):
+        super().__init__()
+        self.directory = Path(directory)
+
+    def _lock(self, key: str) -> FileLock:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        return FileLock(self.directory / f"{key}.lock", thread_local=False)
+
+    def _take(self, key: str, timeout: float | None) -> FileLock | None:
+        lock = self._lock(key)
+        try:
+            lock.acquire(timeout=-1 if timeout is None else timeout)
+        except Timeout:
+            return None
+        return lock
+
+    def _free(self, lock: FileLock) -> None:
         lock.release()
 
     def is_locked(self, key: str) -> bool:
@@ -87,24 +118,16 @@ class ProcessLockManager(LockManager):
             return True
         return not self.wait_for_lock(key, timeout=0)
 
-    def is_lock_holder(self, key: str, holder: str) -> bool:
-        return key in self._held and self._held[key][1] == holder
-
     def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
         """Until nobody holds the lock (True), or `timeout` seconds (False)."""
-        probe = self._lock(key)
-        try:
-            probe.acquire(timeout=-1 if timeout is None else timeout)
-        except Timeout:
+        probe = self._take(key, timeout)
+        if probe is None:
             return False
         probe.release()
         return True
 
-    async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
-        return await anyio.to_thread.run_sync(self.wait_for_lock, key, timeout)
 
-
-class ConcurrencyLimitLocks(LockManager):
+class ConcurrencyLimitLocks(_HeldLocks):
     """Prefect's LockManager over the Prefect server's global concurrency limits: `twostage-lock-<key>`, one slot.
 
     The holder keeps its slot under a lease that Prefect renews while the holder lives; when the holder dies (kill
@@ -115,39 +138,22 @@ class ConcurrencyLimitLocks(LockManager):
     LEASE_S = 60.0
     POLL_S = 1.0
 
-    def __init__(self):
-        self._held: dict[str, tuple[ExitStack, str]] = {}
-
     @staticmethod
     def limit_name(key: str) -> str:
         return f"twostage-lock-{key}"
 
-    def _ensure_limit(self, key: str) -> None:
+    def _take(self, key: str, timeout: float | None) -> ExitStack | None:
         with get_client(sync_client=True) as client:
             client.upsert_global_concurrency_limit_by_name(self.limit_name(key), limit=1)
-
-    def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
-                     hold_timeout: float | None = None) -> bool:
-        if key in self._held:
-            return self._held[key][1] == holder
-        self._ensure_limit(key)
         slot = ExitStack()
         try:
-            slot.enter_context(concurrency(self.limit_name(key), occupy=1, timeout_seconds=acquire_timeout,
+            slot.enter_context(concurrency(self.limit_name(key), occupy=1, timeout_seconds=timeout,
                                            lease_duration=self.LEASE_S, strict=True))
         except TimeoutError:
-            return False
-        self._held[key] = (slot, holder)
-        return True
+            return None
+        return slot
 
-    async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
-                            hold_timeout: float | None = None) -> bool:
-        return await anyio.to_thread.run_sync(self.acquire_lock, key, holder, acquire_timeout, hold_timeout)
-
-    def release_lock(self, key: str, holder: str) -> None:
-        if not self.is_lock_holder(key, holder):
-            raise ValueError(f"{holder} holds no lock on {key}")
-        slot, _ = self._held.pop(key)
+    def _free(self, slot: ExitStack) -> None:
         slot.close()
 
     def is_locked(self, key: str) -> bool:
@@ -159,9 +165,6 @@ class ConcurrencyLimitLocks(LockManager):
             except ObjectNotFound:
                 return False
 
-    def is_lock_holder(self, key: str, holder: str) -> bool:
-        return key in self._held and self._held[key][1] == holder
-
     def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
         """Until nobody holds the lock (True), or `timeout` seconds (False)."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -170,6 +173,3 @@ class ConcurrencyLimitLocks(LockManager):
                 return False
             time.sleep(self.POLL_S)
         return True
-
-    async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
-        return await anyio.to_thread.run_sync(self.wait_for_lock, key, timeout)
