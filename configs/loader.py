@@ -18,6 +18,18 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
     Raises:
         UserError: unreadable YAML, a malformed override, or a key or value the schema rejects.
     """
+    raw = read_raw_config(path)
+    for override in overrides:
+        apply_override(raw, override)
+    return validate_config(raw, source=str(path))
+
+
+def read_raw_config(path: str | Path) -> dict[str, Any]:
+    """The config file's mapping, not yet validated.
+
+    Raises:
+        UserError: a missing, unreadable or empty file, or a top level that is not a mapping.
+    """
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -31,9 +43,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
         raise UserError(f"{path}: the config file is empty; start from configs/quickstart.yaml (every key has a default)")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: the top level must be a mapping of keys such as data:, pretrain:, head:")
-    for override in overrides:
-        _apply_override(raw, override)
-    return validate_config(raw, source=str(path))
+    return raw
 
 
 def validate_config(raw: dict[str, Any], source: str = "config") -> PipelineConfig:
@@ -66,24 +76,34 @@ def _known_keys(location: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _apply_override(raw: dict[str, Any], override: str) -> None:
+def apply_override(raw: dict[str, Any], override: str) -> None:
     key, sep, text = override.partition("=")
     if not sep or not key:
         raise UserError(f"--set {override!r}: expected KEY=VALUE, e.g. --set finetune.epochs=3")
+    set_value(raw, key, parse_value(text, f"--set {override!r}"), f"--set {override!r}")
+
+
+def parse_value(text: str, where: str) -> Any:
+    """A command-line value as YAML reads it: 3 is an int, [256,128] a list, true a bool; "" stays ""."""
+    try:
+        return yaml.safe_load(text) if text else ""
+    except yaml.YAMLError as error:
+        raise UserError(
+            f"{where}: {text!r} is not a YAML value ({getattr(error, 'problem', None) or 'unreadable'}); "
+            "quote it whole in the shell, e.g. --set 'model.encoder_widths=[256,128]'"
+        ) from None
+
+
+def set_value(raw: dict[str, Any], key: str, value: Any, where: str) -> None:
+    """Set the dotted `key` (e.g. finetune.optimizer.lr) in the raw config, making sections on the way."""
     *parents, leaf = key.split(".")
     node = raw
     for part in parents:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise UserError(f"--set {override!r}: '{part}' is a value, not a section")
+            raise UserError(f"{where}: '{part}' is a value, not a section")
         node = child
-    try:
-        node[leaf] = yaml.safe_load(text) if text else ""
-    except yaml.YAMLError as error:
-        raise UserError(
-            f"--set {override!r}: {text!r} is not a YAML value ({getattr(error, 'problem', None) or 'unreadable'}); "
-            "quote it whole in the shell, e.g. --set 'model.encoder_widths=[256,128]'"
-        ) from None
+    node[leaf] = value
 
 
 def to_yaml(config: PipelineConfig) -> str:

@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrors)
     run = commands.add_parser("run", help="run the pipeline once (Prefect's ephemeral server unless PREFECT_API_URL is set)")
     serve = commands.add_parser("serve", help="serve the pipeline on a cron schedule from a Prefect server")
-    for command in (run, serve):
+    sweep = commands.add_parser(
+        "sweep", help="run a grid of configs: on the work pool's workers when PREFECT_API_URL is set, else here")
+    for command in (run, serve, sweep):
         command.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})")
         command.add_argument(
             "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -48,6 +50,17 @@ def main(argv: list[str] | None = None) -> int:
         "--rerun", choices=PHASES, metavar="PHASE",
         help=f"run PHASE and every phase after it even if an earlier run completed them ({', '.join(PHASES)})",
     )
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                       help="sweep KEY over these values; several --grid sweep every combination (repeatable)")
+    sweep.add_argument("--file", metavar="SWEEP.yaml",
+                       help="grid:, points: (override sets, each crossed with the grid) and set: in a file")
+    sweep.add_argument("--deployment", default="two-stage/sweep",
+                       help="the deployment whose work pool runs the points (default: two-stage/sweep)")
+    sweep.add_argument("--max-parallel", type=positive_int, metavar="N",
+                       help="set the work pool's concurrency limit to N flow runs (it stays set)")
+    sweep.add_argument("--metric", default="test/acc", help="compare the points by this metric (default: test/acc)")
+    sweep.add_argument("--out", default="sweeps", type=Path, metavar="DIR",
+                       help="the comparison figure goes to DIR/SWEEP_ID/compare.png (default: sweeps)")
     serve.add_argument("--cron", required=True, metavar="EXPR", help='cron schedule, e.g. "0 3 * * *" (03:00 daily)')
     serve.add_argument("--name", help="deployment name (default: the config's name)")
     compare = commands.add_parser("compare", help="compare an experiment's pipeline runs; writes compare.png")
@@ -64,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return serve_pipeline(args.config, args.overrides, args.cron, args.name)
+        if args.command == "sweep":
+            return sweep_pipeline(args)
         if args.command == "compare":
             from flows.compare import compare
 
@@ -128,6 +143,22 @@ def run_pipeline(config_path: str, overrides: list[str], rerun: str | None = Non
     else:
         print(f"Open it: {_mlflow_command()} ui --backend-store-uri {uri}   then {url}")
     return 0
+
+
+def sweep_pipeline(args: argparse.Namespace) -> int:
+    """Validate every point, then run them (flows/sweep.py)."""
+    from configs.sweeps import build_sweep
+
+    sweep = build_sweep(args.config, args.overrides, args.grid, args.file)
+    from prefect.settings import get_current_settings
+
+    from flows.sweep import run_sweep
+    from tasks.tracking import open_store, tracking_uri
+
+    prefect_api_url = get_current_settings().api.url
+    open_store(tracking_uri())
+    _hide_tracebacks_of_expected_errors(tracking_uri(), prefect_api_url)
+    return run_sweep(sweep, prefect_api_url, args.deployment, args.max_parallel, args.metric, args.out)
 
 
 def default_model_uri(config_path: str) -> str:

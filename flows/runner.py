@@ -26,7 +26,7 @@ from tasks import tracking
 from tasks.checkpoints import checkpoint_problem
 from tasks.keys import input_key
 from tasks.locks import locks_for
-from tasks.results import Checkpoint, RunContext
+from tasks.results import Checkpoint, RunContext, SweepRef
 from tasks.sources import DownloadFailedError
 from tasks.storage import check_stored_result, result_storage
 
@@ -102,13 +102,13 @@ class Steps:
 
 
 @contextmanager
-def pipeline(config: PipelineConfig, rerun: Phase | None = None) -> Iterator[Steps]:
+def pipeline(config: PipelineConfig, rerun: Phase | None = None, sweep: SweepRef | None = None) -> Iterator[Steps]:
     """The parent run of one pipeline run (device and amp resolved on this machine), and its phases' runner;
     on success, the summary in Prefect and the loss curves in MLflow."""
     device = resolve_device(config.device)
     amp = resolve_amp(config.amp, device)
     (get_run_logger().warning if amp.warning else get_run_logger().info)(amp.message)
-    with tracking.pipeline_run(config, runtime.flow_run.id, device, amp.enabled, rerun) as run:
+    with tracking.pipeline_run(config, runtime.flow_run.id, device, amp.enabled, rerun, sweep) as run:
         steps = Steps(run)
         yield steps
         publish_summary(run, steps.results)

@@ -19,13 +19,13 @@ from tasks.evaluate import evaluate
 from tasks.finetune import finetune
 from tasks.head import train_head
 from tasks.pretrain import pretrain
-from tasks.results import EvalReport
+from tasks.results import EvalReport, SweepRef
 
 
 @flow(name="two-stage", validate_parameters=True)
-def two_stage(config: PipelineConfig, rerun: Phase | None = None) -> EvalReport:
+def two_stage(config: PipelineConfig, rerun: Phase | None = None, sweep: SweepRef | None = None) -> EvalReport:
     """Two-stage backpropagation: pretrain an encoder without labels, train a head on it frozen, finetune both."""
-    with pipeline(config, rerun) as step:
+    with pipeline(config, rerun, sweep) as step:
         data, labeled = step(prepare_data, config.data)
         pretrained = step(pretrain, config.pretrain, config.model, data)
         head = step(train_head, config.head, data, labeled, pretrained)
@@ -33,10 +33,12 @@ def two_stage(config: PipelineConfig, rerun: Phase | None = None) -> EvalReport:
         return step(evaluate, config.evaluate, data, finetuned)
 
 
-def run_here(config: PipelineConfig, rerun: Phase | None = None) -> EvalReport:
-    """Run the flow in this process, as `twostage run` and the benchmarks do."""
+def run_here(config: PipelineConfig, rerun: Phase | None = None, sweep: SweepRef | None = None,
+             flow_run_name: str | None = None) -> EvalReport:
+    """Run the flow in this process, as `twostage run`, a sweep without a Prefect server and the benchmarks do."""
     with local_run_settings():
-        return two_stage(config, rerun=rerun)
+        flow = two_stage.with_options(flow_run_name=flow_run_name) if flow_run_name else two_stage
+        return flow(config, rerun=rerun, sweep=sweep)
 
 
 @contextmanager

@@ -92,8 +92,10 @@ def pipeline_curves(histories: dict[str, dict[str, list[tuple[int, float]]]]) ->
     return figure
 
 
-def comparison(curves: dict[str, list[tuple[int, float]]], values: dict[str, float], metric: str) -> Figure:
-    """Left: validation accuracy per epoch of each run, overlaid; right: `metric` per run."""
+def comparison(curves: dict[str, list[tuple[int, float]]], values: dict[str, float], metric: str,
+               errors: dict[str, float] | None = None) -> Figure:
+    """Left: validation accuracy per epoch of each run, overlaid; right: `metric` per run (± `errors`, when given:
+    a std over seeds)."""
     figure = Figure(figsize=(11, 4.5), layout="constrained")
     left, right = figure.subplots(1, 2)
     for index, (run, points) in enumerate(curves.items()):
@@ -102,10 +104,14 @@ def comparison(curves: dict[str, list[tuple[int, float]]], values: dict[str, flo
     left.legend(fontsize=7)
     names = list(values)
     heights = [values[name] for name in names]
-    bars = right.bar(range(len(names)), heights, color=[_colour(i) for i in range(len(names))])
+    spreads = [errors.get(name, 0.0) for name in names] if errors else None
+    bars = right.bar(range(len(names)), heights, yerr=spreads, capsize=3 if errors else 0,
+                     color=[_colour(i) for i in range(len(names))])
     right.bar_label(bars, fmt="%.4f", fontsize=7)
-    pad = max(0.01, (max(heights) - min(heights)) * 0.5)  # zoomed in: runs often differ in the third digit
-    right.set_ylim(min(heights) - pad, max(heights) + pad)
+    low = min(h - (spreads[i] if spreads else 0) for i, h in enumerate(heights))
+    high = max(h + (spreads[i] if spreads else 0) for i, h in enumerate(heights))
+    pad = max(0.01, (high - low) * 0.5)  # zoomed in: runs often differ in the third digit
+    right.set_ylim(low - pad, high + pad)
     right.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
     right.set(ylabel=metric, title=metric)
     return figure

@@ -13,6 +13,14 @@ class Value(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class SweepRef(Value):
+    """The sweep a pipeline run is a point of (`twostage sweep`): its id, and its MLflow run, the parent of the
+    points' parent runs."""
+
+    id: str
+    run_id: str
+
+
 class RunContext(Value):
     """Where a pipeline run writes and logs; created once per flow run by `tracking.pipeline_run`."""
 

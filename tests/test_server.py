@@ -220,7 +220,10 @@ def test_a_worker_runs_the_flow_from_a_bundle_that_pickles_our_modules_by_value(
 def test_prefect_yaml_deploys_the_shipped_configs_with_their_validated_parameters():
     project = yaml.safe_load((REPO / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in project["deployments"]}
-    assert set(deployments) == {"quickstart", "mnist", "fashion_mnist", "fashion_mnist_cnn"}
+    assert set(deployments) == {"sweep", "quickstart", "mnist", "fashion_mnist", "fashion_mnist_cnn"}
+    sweep = deployments.pop("sweep")  # twostage sweep gives each of its flow runs a config: it has none, nor a schedule
+    assert sweep["entrypoint"] == "flows/two_stage.py:two_stage" and sweep["work_pool"]["name"] == "twostage"
+    assert "parameters" not in sweep and "schedules" not in sweep
     for name, deployment in deployments.items():
         assert deployment["entrypoint"] == "flows/two_stage.py:two_stage"
         assert deployment["work_pool"]["name"] == "twostage"
@@ -246,7 +249,7 @@ def test_prefect_deploy_and_a_process_worker_run_a_deployment_from_prefect_yaml(
     assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
     with temporary_settings({PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as client:
         names = {d.name for d in client.read_deployments()}
-        assert {"quickstart", "mnist", "fashion_mnist"} <= names
+        assert {"sweep", "quickstart", "mnist", "fashion_mnist"} <= names
         deployment = client.read_deployment_by_name("two-stage/quickstart")
         assert validate_config(deployment.parameters["config"]) == load_config(QUICKSTART)
         flow_run = client.create_flow_run_from_deployment(deployment.id)

@@ -23,9 +23,9 @@ class PipelineRunRecord:
     tags: dict[str, str]
 
 
-def pipeline_runs(experiment_name: str, last: int | None = None) -> list[PipelineRunRecord]:
-    """The experiment's finished pipeline (parent) runs, newest first; [] when there is no such experiment, or no
-    store at all (reading never creates one)."""
+def pipeline_runs(experiment_name: str, last: int | None = None, sweep_id: str | None = None) -> list[PipelineRunRecord]:
+    """The experiment's finished pipeline (parent) runs, newest first, those of one sweep when `sweep_id` is given;
+    [] when there is no such experiment, or no store at all (reading never creates one)."""
     uri = tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         return []
@@ -33,11 +33,13 @@ def pipeline_runs(experiment_name: str, last: int | None = None) -> list[Pipelin
     experiment = store.get_experiment_by_name(experiment_name)
     if experiment is None:
         return []
+    sweep = f" and tags.`twostage.sweep_id` = '{sweep_id}'" if sweep_id else ""
     runs = store.search_runs(
-        [experiment.experiment_id], filter_string="attributes.status = 'FINISHED'",
+        [experiment.experiment_id],
+        filter_string=f"attributes.status = 'FINISHED' and tags.`twostage.config_hash` LIKE '%'{sweep}",
         order_by=["attributes.start_time DESC"], max_results=5000,
     )
-    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags][:last]
+    parents = runs[:last]  # a pipeline run's parent has the config hash; its phases' and a sweep's runs don't
     return [
         PipelineRunRecord(run.info.run_id, run.info.run_name, run.info.start_time, run.data.params,
                           run.data.metrics, run.data.tags)

@@ -30,7 +30,7 @@ from configs.loader import flatten, to_yaml
 from configs.schema import PipelineConfig, fingerprint
 from tasks import plots
 from tasks.files import absolute
-from tasks.results import Checkpoint, RunContext
+from tasks.results import Checkpoint, RunContext, SweepRef
 from tasks.tracking import registry
 from tasks.tracking.history import metric_history
 from tasks.tracking.store import client as store_client
@@ -49,12 +49,13 @@ def _git_commit() -> str:
 
 @contextmanager
 def pipeline_run(
-    config: PipelineConfig, flow_run_id: str | None, device: str, amp: bool, rerun: str | None = None
+    config: PipelineConfig, flow_run_id: str | None, device: str, amp: bool, rerun: str | None = None,
+    sweep: SweepRef | None = None,
 ) -> Iterator[RunContext]:
     """Open the parent run: tags, the flattened config as params, the resolved config as an artifact.
 
     device and amp: as resolved on this machine (the config may say "auto"); tagged, and handed to the phases with
-    `rerun` (`--rerun PHASE`).
+    `rerun` (`--rerun PHASE`). A sweep's point is nested under the sweep's run and tagged with its id.
 
     The run ends FINISHED, FAILED (an exception) or KILLED (Ctrl-C), never left RUNNING.
     """
@@ -78,6 +79,7 @@ def pipeline_run(
             "twostage.amp": "bf16" if amp else "float32",
             **_process_tags(str(flow_run_id)),
             **_prefect_link(flow_run_id),
+            **({"twostage.sweep_id": sweep.id, "mlflow.parentRunId": sweep.run_id} if sweep else {}),
         },
     )
     run_id = parent.info.run_id
