@@ -29,6 +29,8 @@ import json
 import shlex
 import statistics
 import sys
+import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,6 +43,7 @@ from flows.prefect_defaults import set_prefect_defaults  # noqa: E402
 set_prefect_defaults()
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from configs.loader import load_config  # noqa: E402
 from configs.schema import PipelineConfig  # noqa: E402
@@ -163,23 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         results["main"] = {"made": made, "rows": rows}
 
     if "study" in args.parts:
-        study_base = load_config(REPO / MLP, [*STUDY_MODEL, *STUDY_BASE, *args.overrides])
-        rows = []
-        for fraction in args.fractions:
-            head, finetune = study_budget(study_base, fraction)
-            labels = ["name=low_label_study", f"data.label_fraction={fraction}", *STUDY_MODEL]
-            runs = [
-                (f"{method}, {objective}", [*labels, *chosen, *epochs])
-                for objective, chosen in OBJECTIVES.items()
-                for method, epochs in (("two-stage", [*head, *finetune]), ("probe only", [*head, "finetune.epochs=0"]))
-            ]
-            scratch = [*labels, "pretrain.epochs=0", "head.epochs=0", *finetune, "finetune.encoder_lr_ratio=1.0"]
-            for method, overrides in [*runs, ("from scratch", scratch)]:
-                row = Row(method, command(MLP, overrides))
-                row.accuracies = [pipeline(MLP, overrides, seed, timed=False)[0] for seed in args.seeds]
-                rows.append({"fraction": fraction, **asdict(row)})
-            rows.append({"fraction": fraction, **asdict(logistic_regression(base, fraction))})
-        results["study"] = {"made": made, "rows": rows}
+        rows, ran = study(args.fractions, args.seeds, args.overrides, base)
+        results["study"] = {"made": {**made, "sweep": ran}, "rows": rows}
 
     args.out.mkdir(parents=True, exist_ok=True)
     results_file.write_text(json.dumps(results, indent=1) + "\n")
@@ -188,6 +176,61 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "RESULTS.md").write_text(report(results))
     print(f"wrote {results_file}, {args.out / 'RESULTS.md'} and {args.out / 'low_label.png'}")
     return 0
+
+
+def study(fractions: list[float], seeds: list[int], overrides: list[str], base: PipelineConfig) -> tuple[list[dict], dict]:
+    """The low-label study's rows, measured as one `twostage sweep`: each method at each share a point set, crossed
+    with the seeds; on the work pool's workers when PREFECT_API_URL is set, else here, one point after another.
+    Returns the rows, and the sweep's id, size, wall time and where it ran."""
+    from prefect.settings import get_current_settings
+
+    from configs.loader import parse_value
+    from configs.sweeps import build_sweep
+    from flows.sweep import DEFAULT_DEPLOYMENT, run_sweep
+    from tasks import tracking
+
+    study_base = load_config(REPO / MLP, [*STUDY_MODEL, *STUDY_BASE, *overrides])
+    cells = []  # (fraction, method, overrides) of every row
+    for fraction in fractions:
+        head, finetune = study_budget(study_base, fraction)
+        labels = [f"data.label_fraction={fraction}", *STUDY_MODEL]
+        cells += [
+            (fraction, f"{method}, {objective}", [*labels, *chosen, *epochs])
+            for objective, chosen in OBJECTIVES.items()
+            for method, epochs in (("two-stage", [*head, *finetune]), ("probe only", [*head, "finetune.epochs=0"]))
+        ]
+        cells.append((fraction, "from scratch",
+                      [*labels, "pretrain.epochs=0", "head.epochs=0", *finetune, "finetune.encoder_lr_ratio=1.0"]))
+    point_sets = [{key: parse_value(value, key) for key, _, value in (item.partition("=") for item in cell[2])}
+                  for cell in cells]
+    sweep_file = Path(tempfile.mkdtemp()) / "study.yaml"
+    sweep_file.write_text(yaml.safe_dump({"points": point_sets, "grid": {"seed": seeds}}, sort_keys=False))
+    sweep = build_sweep(str(REPO / MLP), ["name=low_label_study", *overrides], [], str(sweep_file))
+    api_url = get_current_settings().api.url
+    started = time.perf_counter()
+    if run_sweep(sweep, api_url, DEFAULT_DEPLOYMENT, None, "test/acc", Path("sweeps")) != 0:
+        sys.exit("the study's sweep did not complete: run the same command again to run only its failed points")
+    seconds = time.perf_counter() - started
+    runs = {run.tags["twostage.config_hash"]: run
+            for run in reversed(tracking.pipeline_runs("low_label_study", sweep_id=sweep.id))}
+    rows = []
+    for index, (fraction, method, cell) in enumerate(cells):
+        points = sweep.points[index * len(seeds):(index + 1) * len(seeds)]
+        row = Row(method, command(MLP, ["name=low_label_study", *cell]))
+        row.accuracies = [runs[point.config_hash].metrics["test/acc"] for point in points]
+        rows.append({"fraction": fraction, **asdict(row)})
+        if method == "from scratch":
+            rows.append({"fraction": fraction, **asdict(logistic_regression(base, fraction))})
+    where = f"{online_workers(api_url)} worker(s) of the work pool" if api_url else "1 process, one point after another"
+    return rows, {"id": sweep.id, "points": len(sweep.points), "seconds": round(seconds, 1), "where": where}
+
+
+def online_workers(api_url: str) -> int:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        pool = client.read_deployment_by_name("two-stage/sweep").work_pool_name
+        return len([worker for worker in client.read_workers_for_work_pool(pool) if worker.status == "ONLINE"])
 
 
 def study_budget(base: PipelineConfig, fraction: float) -> tuple[list[str], list[str]]:
@@ -289,7 +332,7 @@ def report(results: dict) -> str:
             "labels, the same for every method. The labeled subset is the same for every seed "
             "(`data.split_seed` 0). Pretraining runs on every training image without its label, with the settings in "
             "the commands below (their reasons: `OBJECTIVES` in the script), once per objective and seed: the "
-            "pipeline reuses it at every share.",
+            "pipeline reuses it at every share." + ran_as(results["study"]["made"]),
             "",
             "| method | " + " | ".join(f"{fraction:.0%} of labels" for fraction in fractions) + " |",
             "|---|" + "---:|" * len(fractions),
@@ -302,6 +345,16 @@ def report(results: dict) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def ran_as(made: dict) -> str:
+    """How the study ran: one `twostage sweep`, its size, wall time and workers (none recorded before 2026-12)."""
+    sweep = made.get("sweep")
+    if not sweep:
+        return " (Measured by a loop of flow runs in one process, before the study became a sweep; wall time not recorded.)"
+    minutes = sweep["seconds"] / 60
+    return (f" The study ran as one `twostage sweep` (sweep {sweep['id']}, {sweep['points']} points) in "
+            f"{minutes:.0f} min on {sweep['where']}.")
 
 
 def measured_apart(row: Row, made: dict) -> str:

@@ -382,7 +382,14 @@ class Up:
         self.run("prefect-setup", "prefect deploy --all", deploy, env, timeout=300)
 
     def workers(self) -> None:
-        env = self.client_process_env()
+        env = self.client_process_env() | {
+            # The workers share this host's cores: each flow run's torch gets its share of them. With every run
+            # taking all cores, two at once on 2 cores ran 4x slower each (OpenMP threads oversubscribed), and a
+            # sweep on two workers took 1.18x as long as on one (benchmarks/sweep.py).
+            "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(WORKERS))),
+            # A worker asks for work every 10 s by default, so a point waited up to 10 s for a free worker.
+            "PREFECT_WORKER_QUERY_SECONDS": "2",
+        }
         for name in WORKERS:
             # --limit 1: a worker trains one flow run at a time (training takes its cores), so runs submitted
             # together spread over the workers instead of queueing on the first to poll

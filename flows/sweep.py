@@ -52,6 +52,9 @@ def run_sweep(sweep: Sweep, prefect_api_url: str | None, deployment: str, max_pa
           f"{len(sweep.points) - len(todo)} completed before, {len(todo)} to run {where}")
     print(f"MLflow: {tracking.run_url(experiment_id, run_id)} (the points are nested under it: "
           f"tags.twostage.sweep_id = '{sweep.id}')", flush=True)
+    if max_parallel and not prefect_api_url:
+        print("note: --max-parallel sets a work pool's limit; without PREFECT_API_URL the points run here one after "
+              "another", file=sys.stderr)
     progress = Progress(sweep, metric, done_before=len(sweep.points) - len(todo))
     try:
         if prefect_api_url:

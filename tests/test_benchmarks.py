@@ -60,12 +60,11 @@ def test_overhead_benchmark_splits_a_flow_run_into_compute_ours_and_prefect(pref
     assert not (tmp_path / "mlflow.db").exists()  # it measured in folders of its own
 
 
-def test_results_benchmark_writes_the_tables_and_the_low_label_plot(prefect_server, tmp_path):
-    from prefect.settings import PREFECT_API_URL
-
+def test_results_benchmark_writes_the_tables_and_the_low_label_plot(tmp_path):
     tiny_mnist(tmp_path / "idx", train=200, test=50)
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
            "PREFECT_HOME": str(tmp_path / "prefect-home")}  # its phase results stay out of ~/.prefect
+    env.pop("PREFECT_API_URL", None)  # the study's sweep runs here, one point after another, as without a server
     quick = [f"{phase}.epochs=1" for phase in ("pretrain", "head", "finetune")]
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "results.py"), "--seeds", "0", "--fractions", "0.1", "1.0",
@@ -84,6 +83,8 @@ def test_results_benchmark_writes_the_tables_and_the_low_label_plot(prefect_serv
             "--set pretrain.mask_fraction=0.5 --set pretrain.epochs=60 --set head.epochs=10 --set head.batch_size=256 --set finetune.epochs=10 "
             "--set finetune.batch_size=256 --set finetune.optimizer.lr=0.002`") in text
     assert "--set head.epochs=10 --set head.batch_size=256 --set finetune.epochs=0`" in text  # probe only: 10x the head's epochs
+    assert re.search(r"The study ran as one `twostage sweep` \(sweep \w+, 14 points\) in \d+ min on 1 process, one "
+                     "point after another", text)  # 7 methods at 2 shares, 1 seed
     assert (tmp_path / "out" / "low_label.png").stat().st_size > 10_000
     saved = json.loads((tmp_path / "out" / "results.json").read_text())  # what `--parts` keeps between runs
     assert set(saved) == {"main", "study"} and saved["main"]["made"]["sizes"]["train"] == 180

@@ -308,3 +308,21 @@ def test_a_sweep_on_the_two_workers_pretrains_once_for_its_points_and_running_it
     assert tracking.get_run(sweep_run.info.run_id).info.status == "FINISHED"
     assert "mean ± std" not in again.stdout and "data.dataset" in again.stdout.split("points completed")[1]
     print("\n" + again.stdout)
+
+
+@pytest.mark.benchmark
+def test_the_sweep_benchmark_times_one_worker_against_two_and_restores_the_pools_limit(client_env, stack):
+    quick = [f"--set={phase}.epochs=1" for phase in ("pretrain", "head", "finetune")]
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sweep.py"), "--points", "2", *quick,
+                             "--env", str(stack.folder / "env")], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.search(r"^local `twostage run`: \d+\.\d s wall, of which the pipeline \(time/total_s\) \d+\.\d s$",
+                     result.stdout, flags=re.M)
+    for workers in (1, 2):
+        assert re.search(rf"^\s+{workers}(\s+\d+\.\d){{5}}$", result.stdout, flags=re.M), result.stdout
+    assert re.search(r"^wall time 1 worker / 2 workers: \d+\.\d\dx", result.stdout, flags=re.M)
+    assert re.search(r"^projected on 8 workers with cores of their own: 1 rounds", result.stdout, flags=re.M)
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        assert client.read_work_pool("twostage").concurrency_limit is None  # as before the benchmark

@@ -8,11 +8,11 @@ import re
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from test_cli import assert_one_line_error, twostage
 
 from configs.errors import UserError
 from configs.sweeps import build_sweep, parse_grid
 from conftest import REPO, tiny_config
-from test_cli import assert_one_line_error, twostage
 
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
 
