@@ -55,7 +55,7 @@ class SweepPoint:
 class Sweep:
     config_path: str
     points: list[SweepPoint]
-    keys: list[str] = field(default_factory=list)  # the swept keys, in the order they were given
+    keys: list[str] = field(default_factory=list)  # the keys whose value differs between points, in the order given
 
     @property
     def id(self) -> str:
@@ -133,13 +133,16 @@ def build_sweep(config_path: str, overrides: list[str], grids: list[str], sweep_
         for combination in itertools.product(*grid.values()):
             values = {**point_set, **dict(zip(grid, combination))}
             points.append(_validated_point(base, config_path, overrides, common, values, len(points) + 1))
+    varying = [key for key in keys if len({repr(point.values.get(key)) for point in points}) > 1] or keys
+    points = [SweepPoint({key: value for key, value in point.values.items() if key in varying}, point.config)
+              for point in points]  # a key with one value for every point is part of the base, not swept
     seen: dict[str, SweepPoint] = {}
     for point in points:
         if point.config_hash in seen:
             raise UserError(f"sweep points {seen[point.config_hash].label!r} and {point.label!r} are the same config; "
                             "drop one")
         seen[point.config_hash] = point
-    return Sweep(config_path, points, keys)
+    return Sweep(config_path, points, varying)
 
 
 def _validated_point(base: dict[str, Any], config_path: str, overrides: list[str], common: dict[str, Any],

@@ -1,8 +1,8 @@
 """The files phases hand each other, in a local folder or an object store (`s3://bucket/prefix`), through fsspec.
 
-A location is a string: a local path or a URL. Writes never leave a half-written file where a reader looks: the
-bytes go to a temporary name beside the final one, complete, and then take its name (a rename on disk, flushed
-first; on an object store a copy and delete, so the final key only ever holds a whole upload).
+A location is a string: a local path or a URL. Writes never leave a half-written file where a reader looks: on disk
+the bytes go to a temporary name beside the final one, complete and flushed, and then take its name; on an object
+store one upload, which the store shows only once it is complete (S3's PUT and multipart upload are atomic).
 """
 
 from __future__ import annotations
@@ -79,24 +79,28 @@ def move(source: str, target: str) -> None:
         fs.mv(source_path, _fs(target)[1])
 
 
-def write_temporary(location: str, data: bytes) -> str:
-    """Write `data` completely under a new temporary name beside `location`; returns that name."""
-    fs, path = _fs(location)
-    fs.makedirs(fs._parent(path), exist_ok=True)
-    temporary = f"{path}.{uuid.uuid4().hex}.tmp"
-    if isinstance(fs, LocalFileSystem):
-        with open(temporary, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        return temporary
-    fs.pipe_file(temporary, data)
-    return fs.unstrip_protocol(temporary)
+def listing(pattern: str) -> list[str]:
+    """The locations matching a glob pattern, as locations (URLs on an object store), read afresh: another process
+    or host may have written since this one last looked."""
+    fs, path = _fs(pattern)
+    fs.invalidate_cache()
+    found = fs.glob(path)
+    return [str(item) if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(item) for item in found]
 
 
 def write_atomically(location: str, data: bytes) -> None:
     """Readers see the old file or the whole new one, never a partial one."""
-    move(write_temporary(location, data), location)
+    fs, path = _fs(location)
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    if not isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path, data)  # the store makes the object visible only once the upload is complete
+        return
+    temporary = f"{path}.{uuid.uuid4().hex}.tmp"
+    with open(temporary, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
 
 
 @contextmanager

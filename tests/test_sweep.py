@@ -109,3 +109,15 @@ def test_without_a_prefect_server_the_points_run_here_pretraining_once_per_seed_
     again = twostage(*args, cwd=tmp_path, timeout=600)
     assert again.returncode == 0 and "4 completed before, 0 to run" in again.stdout
     assert len(tracking.search_runs([experiment], f"tags.`twostage.sweep_id` = '{sweep_id}'")) == 1 + 4  # no new run
+
+
+def test_a_key_with_the_same_value_in_every_point_is_not_a_swept_column(tmp_path):
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({
+        "points": [{"model.encoder_widths": [64, 32], "pretrain.objective": "denoising"},
+                   {"model.encoder_widths": [64, 32], "pretrain.objective": "autoencoder", "pretrain.epochs": 5}],
+        "grid": {"seed": [0, 1]},
+    }, sort_keys=False))
+    sweep = build_sweep(QUICKSTART, [], [], str(tmp_path / "sweep.yaml"))
+    assert sweep.keys == ["pretrain.objective", "pretrain.epochs", "seed"]
+    assert sweep.points[0].label == "pretrain.objective=denoising seed=0"
+    assert {tuple(point.config.model.encoder_widths) for point in sweep.points} == {(64, 32)}
