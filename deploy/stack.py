@@ -320,9 +320,6 @@ class Up:
             # No UI, no WebDAV, Iceberg or Lance endpoints, no telemetry to seaweedfs.com:
             "admin.ui": "false", "webdav": "false", "s3.port.iceberg": 0, "s3.port.lance": 0,
             "master.telemetry": "false",
-            # Deleted and overwritten objects (epoch states, every epoch of a phase) free their space only when the
-            # master vacuums their volume: every 14 min by default, while a study of 2 workers wrote 57 GB in 16.
-            "master.vacuumIntervalSeconds": 60, "master.garbageThreshold": 0.1,
             # Its local sockets default to /tmp: keep them in the stack.
             "filer.localSocket": run / "filer.sock", "s3.localSocket": run / "s3.sock",
         }
