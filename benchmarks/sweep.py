@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         subprocess.run([sys.executable, str(REPO / "deploy" / "stack.py"), "down"], cwd=REPO, env=stack_env,
                        capture_output=True, timeout=300)
+        shutil.rmtree(folder, ignore_errors=True)  # `down` keeps the stack's data; this one was only for the benchmark
     return 0
 
 
