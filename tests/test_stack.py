@@ -171,6 +171,60 @@ def test_four_runs_at_once_two_on_the_workers_two_from_clients_lose_and_duplicat
     assert len([key for key in stored if "/results/" in key]) >= 12 and not [key for key in stored if ".tmp" in key]
 
 
+def test_a_sweep_on_the_two_workers_pretrains_once_for_its_points_and_running_it_again_runs_only_the_failed_point(
+    client_env, stack, tmp_path
+):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    from conftest import tiny_mnist
+
+    # seed 11: no other test of the module trains this pretraining key in the shared object store
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny_config(name="stack-sweep", seed=11,
+                                                                     data={"root": str(tmp_path / "data")})))
+    shared = [{"data.label_fraction": fraction, "finetune.epochs": epochs} for fraction in (0.5, 1.0) for epochs in (1, 2)]
+    failing = {"data.dataset": "mnist", "data.mirror": str(tmp_path / "mirror")}  # no MNIST files there yet
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"points": [*shared, failing]}))
+    # before the worker-kill test below, which leaves one worker: both are alive here
+    command = [str(Path(sys.executable).parent / "twostage"), "sweep", "-c", "config.yaml", "--file", "sweep.yaml"]
+
+    first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 1, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "1 of 5 points failed (data.dataset=mnist" in first.stderr and "run the same command" in first.stderr
+    sweep_id = re.search(r"^sweep (\w+): 5 points of stack-sweep", first.stdout, flags=re.M).group(1)
+    assert re.search(rf"^sweep {sweep_id}: 4/5 done, 0 running, 1 failed, 0 waiting", first.stdout, flags=re.M)
+
+    tracking = MlflowClient(client_env["MLFLOW_TRACKING_URI"])
+    experiment = tracking.get_experiment_by_name("stack-sweep").experiment_id
+    (sweep_run,) = tracking.search_runs([experiment], "tags.`twostage.sweep` = 'true'")
+    parents = tracking.search_runs([experiment], f"tags.`twostage.sweep_id` = '{sweep_id}' and "
+                                                 "tags.`twostage.config_hash` LIKE '%'")
+    finished = [run for run in parents if run.info.status == "FINISHED"]
+    assert len(finished) == 4 and {run.data.tags["mlflow.parentRunId"] for run in parents} == {sweep_run.info.run_id}
+    pretrains = [run for parent in finished for run in tracking.search_runs(
+        [experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.`twostage.phase` = 'pretrain'")]
+    assert len(pretrains) == 1  # four points with one pretraining key: trained once, by whichever started first
+    reusers = [run for run in finished if run.data.tags.get("twostage.reused.pretrain") == pretrains[0].info.run_id]
+    assert len(reusers) == 3
+    with get_client(sync_client=True) as prefect:
+        flow_runs = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"sweep:{sweep_id}"])))
+    assert len(flow_runs) == 5
+    assert sorted({worker for run in flow_runs for worker in stack.workers_that_ran(run.id)}) == ["worker-1", "worker-2"]
+
+    tiny_mnist(tmp_path / "mirror")  # the failed point's data is there now
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"sweep {sweep_id}: 5 points of stack-sweep over" in again.stdout and "4 completed before, 1 to run" in again.stdout
+    with get_client(sync_client=True) as prefect:
+        flow_runs = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"sweep:{sweep_id}"])))
+    assert len(flow_runs) == 6  # only the failed point ran again
+    assert len([run for run in tracking.search_runs([experiment], f"tags.`twostage.sweep_id` = '{sweep_id}' and "
+                "attributes.status = 'FINISHED' and tags.`twostage.config_hash` LIKE '%'")]) == 5
+    assert tracking.get_run(sweep_run.info.run_id).info.status == "FINISHED"
+    assert "mean ± std" not in again.stdout and "data.dataset" in again.stdout.split("points completed")[1]
+    print("\n" + again.stdout)
+
+
 def test_a_worker_killed_mid_finetune_crashes_its_run_which_the_other_worker_resumes_from_the_object_store(
     client_env, stack, tmp_path
 ):
@@ -256,59 +310,6 @@ def test_an_mlflow_server_stopped_mid_run_ends_the_run_naming_it_and_the_same_co
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("reused the completed phase") == 2  # pretrain and head
     assert re.search(r"finetune: resuming after epoch \d+/600", again.stderr)
-
-
-def test_a_sweep_on_the_two_workers_pretrains_once_for_its_points_and_running_it_again_runs_only_the_failed_point(
-    client_env, stack, tmp_path
-):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
-
-    from conftest import tiny_mnist
-
-    # seed 11: no other test of the module trains this pretraining key in the shared object store
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny_config(name="stack-sweep", seed=11,
-                                                                     data={"root": str(tmp_path / "data")})))
-    shared = [{"data.label_fraction": fraction, "finetune.epochs": epochs} for fraction in (0.5, 1.0) for epochs in (1, 2)]
-    failing = {"data.dataset": "mnist", "data.mirror": str(tmp_path / "mirror")}  # no MNIST files there yet
-    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"points": [*shared, failing]}))
-    command = [str(Path(sys.executable).parent / "twostage"), "sweep", "-c", "config.yaml", "--file", "sweep.yaml"]
-
-    first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert first.returncode == 1, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "1 of 5 points failed (data.dataset=mnist" in first.stderr and "run the same command" in first.stderr
-    sweep_id = re.search(r"^sweep (\w+): 5 points of stack-sweep", first.stdout, flags=re.M).group(1)
-    assert re.search(rf"^sweep {sweep_id}: 4/5 done, 0 running, 1 failed, 0 waiting", first.stdout, flags=re.M)
-
-    tracking = MlflowClient(client_env["MLFLOW_TRACKING_URI"])
-    experiment = tracking.get_experiment_by_name("stack-sweep").experiment_id
-    (sweep_run,) = tracking.search_runs([experiment], "tags.`twostage.sweep` = 'true'")
-    parents = tracking.search_runs([experiment], f"tags.`twostage.sweep_id` = '{sweep_id}' and "
-                                                 "tags.`twostage.config_hash` LIKE '%'")
-    finished = [run for run in parents if run.info.status == "FINISHED"]
-    assert len(finished) == 4 and {run.data.tags["mlflow.parentRunId"] for run in parents} == {sweep_run.info.run_id}
-    pretrains = [run for parent in finished for run in tracking.search_runs(
-        [experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.`twostage.phase` = 'pretrain'")]
-    assert len(pretrains) == 1  # four points with one pretraining key: trained once, by whichever started first
-    reusers = [run for run in finished if run.data.tags.get("twostage.reused.pretrain") == pretrains[0].info.run_id]
-    assert len(reusers) == 3
-    with get_client(sync_client=True) as prefect:
-        flow_runs = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"sweep:{sweep_id}"])))
-    assert len(flow_runs) == 5
-    assert sorted({worker for run in flow_runs for worker in stack.workers_that_ran(run.id)}) == ["worker-1", "worker-2"]
-
-    tiny_mnist(tmp_path / "mirror")  # the failed point's data is there now
-    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert f"sweep {sweep_id}: 5 points of stack-sweep over" in again.stdout and "4 completed before, 1 to run" in again.stdout
-    with get_client(sync_client=True) as prefect:
-        flow_runs = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"sweep:{sweep_id}"])))
-    assert len(flow_runs) == 6  # only the failed point ran again
-    assert len([run for run in tracking.search_runs([experiment], f"tags.`twostage.sweep_id` = '{sweep_id}' and "
-                "attributes.status = 'FINISHED' and tags.`twostage.config_hash` LIKE '%'")]) == 5
-    assert tracking.get_run(sweep_run.info.run_id).info.status == "FINISHED"
-    assert "mean ± std" not in again.stdout and "data.dataset" in again.stdout.split("points completed")[1]
-    print("\n" + again.stdout)
 
 
 @pytest.mark.benchmark
