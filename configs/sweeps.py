@@ -43,7 +43,7 @@ class SweepPoint:
 
     @property
     def label(self) -> str:
-        return " ".join(f"{key}={_show(value)}" for key, value in self.values.items())
+        return label(self.values)
 
     @property
     def run_name(self) -> str:
@@ -148,7 +148,7 @@ def build_sweep(config_path: str, overrides: list[str], grids: list[str], sweep_
 def _validated_point(base: dict[str, Any], config_path: str, overrides: list[str], common: dict[str, Any],
                      values: dict[str, Any], number: int) -> SweepPoint:
     raw = yaml.safe_load(yaml.safe_dump(base))  # a copy
-    where = f"sweep point {number} ({' '.join(f'{key}={_show(value)}' for key, value in values.items())})"
+    where = f"sweep point {number} ({label(values)})"
     for key, value in common.items():
         set_value(raw, str(key), value, f"set: {key}")
     for override in overrides:
@@ -160,6 +160,11 @@ def _validated_point(base: dict[str, Any], config_path: str, overrides: list[str
     except ValidationError as error:
         raise UserError(f"{config_path}, {where}: {describe_validation_error(error)}") from None
     return SweepPoint({str(key): value for key, value in values.items()}, config)
+
+
+def label(values: dict[str, Any]) -> str:
+    """A point's swept values as `key=value ...`, values in YAML's flow style: `model.encoder_widths=[64, 32]`."""
+    return " ".join(f"{key}={_show(value)}" for key, value in values.items())
 
 
 def _show(value: Any) -> str:
