@@ -218,6 +218,9 @@ def test_a_worker_runs_the_flow_from_a_bundle_that_pickles_our_modules_by_value(
 
 
 def test_prefect_yaml_deploys_the_shipped_configs_with_their_validated_parameters():
+    check = subprocess.run([sys.executable, str(REPO / "deploy" / "prefect_yaml.py"), "--check"], capture_output=True,
+                           text=True)
+    assert check.returncode == 0, check.stderr  # generated from configs/*.yaml: one source of truth
     project = yaml.safe_load((REPO / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in project["deployments"]}
     assert set(deployments) == {"sweep", "quickstart", "mnist", "fashion_mnist", "fashion_mnist_cnn"}
@@ -227,8 +230,10 @@ def test_prefect_yaml_deploys_the_shipped_configs_with_their_validated_parameter
     for name, deployment in deployments.items():
         assert deployment["entrypoint"] == "flows/two_stage.py:two_stage"
         assert deployment["work_pool"]["name"] == "twostage"
-        assert validate_config(deployment["parameters"]["config"]) == load_config(REPO / "configs" / f"{name}.yaml")
+        config = load_config(REPO / "configs" / f"{name}.yaml")
+        assert validate_config(deployment["parameters"]["config"]) == config
         assert deployment["schedules"][0]["cron"]
+        assert deployment["tags"] == [f"config:{config.name}", f"dataset:{config.data.dataset}"]
 
 
 def test_prefect_deploy_and_a_process_worker_run_a_deployment_from_prefect_yaml(tmp_path, prefect_api):
