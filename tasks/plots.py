@@ -8,35 +8,30 @@ from matplotlib.figure import Figure
 
 
 def reconstructions(inputs: torch.Tensor, outputs: torch.Tensor) -> Figure:
-    """Inputs (top row) above their reconstructions (bottom row) as one image; tensors (B, C, H, W), any scale."""
-    low, high = inputs.min().item(), inputs.max().item()
-    rows = [torch.cat(list(images.detach().clamp(low, high).cpu()), dim=2) for images in (inputs, outputs)]
-    grid = ((torch.cat(rows, dim=1) - low) / max(high - low, 1e-8)).permute(1, 2, 0).numpy()  # (2H, B*W, C)
+    """Inputs (top row) above their reconstructions (bottom row), 2 pixels apart; tensors (B, C, H, W), any scale."""
+    from torchvision.utils import make_grid
+
+    images = torch.cat([inputs, outputs.clamp(inputs.min(), inputs.max())]).detach().float().cpu()
+    grid = make_grid(images, nrow=len(inputs), padding=2, normalize=True, value_range=(images.min().item(),
+                     images.max().item()), pad_value=1.0)  # (3, rows, columns), white gaps
     figure = Figure(figsize=(1.2 * len(inputs), 2.6))
     axes = figure.add_axes((0, 0, 1, 0.9))
-    axes.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", interpolation="nearest")
+    axes.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
     axes.set_axis_off()
     figure.suptitle("inputs (top), reconstructions (bottom)", fontsize=9)
     return figure
 
 
 def confusion_matrix(matrix: np.ndarray, class_names: list[str]) -> Figure:
+    from sklearn.metrics import ConfusionMatrixDisplay
+
     size = max(4.0, 0.5 * len(class_names) + 2)
     figure = Figure(figsize=(size, size))  # fixed margins: a layout engine doubles the drawing time
     figure.subplots_adjust(left=0.2, bottom=0.2, right=0.95, top=0.92)
     axes = figure.subplots()
-    image = axes.imshow(matrix, cmap="Blues")
-    figure.colorbar(image, ax=axes, shrink=0.8)
-    ticks = range(len(class_names))
-    axes.set_xticks(ticks, class_names, rotation=45, ha="right")
-    axes.set_yticks(ticks, class_names)
+    ConfusionMatrixDisplay(matrix, display_labels=class_names).plot(
+        ax=axes, cmap="Blues", xticks_rotation=45, colorbar=True, text_kw={"fontsize": 7})
     axes.set(xlabel="predicted", ylabel="true", title="test confusion matrix")
-    threshold = matrix.max() / 2
-    for true in ticks:
-        for predicted in ticks:
-            value = matrix[true, predicted]
-            color = "white" if value > threshold else "black"
-            axes.text(predicted, true, str(value), ha="center", va="center", fontsize=7, color=color)
     return figure
 
 
@@ -68,17 +63,18 @@ def feature_projection(features: torch.Tensor, labels: torch.Tensor, class_names
 
 
 def pipeline_curves(histories: dict[str, dict[str, list[tuple[int, float]]]]) -> Figure:
-    """train/loss and val/loss of every training phase, one after another on one epoch axis.
+    """loss/train and loss/val of every training phase, one after another on one epoch axis.
 
-    histories: {phase: {"train/loss": [(epoch, value), ...], "val/loss": [...]}} in phase order.
+    histories: {phase: {"loss/train": [(epoch, value), ...], "loss/val": [...]}} in phase order.
     """
     figure = Figure(figsize=(8, 4))
     axes = figure.subplots()
     offset = 0
     for index, (phase, metrics) in enumerate(histories.items()):
-        for name, style in (("train/loss", "-"), ("val/loss", "--")):
+        for name, style, marker in (("loss/train", "-", "o"), ("loss/val", "--", "x")):
             points = metrics.get(name, [])
             axes.plot([offset + step for step, _ in points], [value for _, value in points], style,
+                      marker=marker if len(points) == 1 else None,  # one epoch: a point, not an invisible line
                       color=_colour(index), label=f"{phase} {name}")
         last = max((step for points in metrics.values() for step, _ in points), default=0)
         offset += last
@@ -100,7 +96,7 @@ def comparison(curves: dict[str, list[tuple[int, float]]], values: dict[str, flo
     left, right = figure.subplots(1, 2)
     for index, (run, points) in enumerate(curves.items()):
         left.plot([step for step, _ in points], [value for _, value in points], color=_colour(index), label=run)
-    left.set(xlabel="epoch (head, then finetune)", ylabel="val/acc", title="validation accuracy")
+    left.set(xlabel="epoch (head, then finetune)", ylabel="acc/val", title="validation accuracy")
     left.legend(fontsize=7)
     names = list(values)
     heights = [values[name] for name in names]
