@@ -122,7 +122,7 @@ class Phase:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
                 images = encode(self.encoder, images, 4096).float()
         config = self.config.model_copy(update={"epochs": 1})
-        fit(self.trained, self.groups, self.loss, (images, labels), lambda m: {"val/loss": 0.0}, config,
+        fit(self.trained, self.groups, self.loss, (images, labels), lambda m: {"loss/val": 0.0}, config,
             lambda stats: None, torch.Generator().manual_seed(0), amp=amp)
         return time.perf_counter() - started
 

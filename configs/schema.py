@@ -50,12 +50,12 @@ class SchedulerConfig(StrictModel):
     name: Literal["none", "step", "cosine", "plateau", "exponential"] = "none"
     step_size_epochs: PositiveInt = Field(10, description="step: epochs between decays.")
     gamma: float = Field(0.1, gt=0, le=1, description="step, exponential, plateau: decay factor.")
-    patience_epochs: NonNegativeInt = Field(2, description="plateau: epochs without val/loss improvement.")
+    patience_epochs: NonNegativeInt = Field(2, description="plateau: epochs without loss/val improvement.")
     min_lr: NonNegativeFloat = Field(0.0, description="cosine: final lr; plateau: lower bound.")
 
 
 class EarlyStoppingConfig(StrictModel):
-    """Stop when val/loss has not improved by `min_delta` for `patience_epochs` epochs."""
+    """Stop when loss/val has not improved by `min_delta` for `patience_epochs` epochs."""
 
     enabled: bool = False
     patience_epochs: PositiveInt = 5

@@ -68,7 +68,7 @@ def main() -> int:
             if experiment else []
 
     def epochs(run_id: str) -> list[int]:
-        return sorted(metric.step for metric in tracking.get_metric_history(run_id, "train/loss"))
+        return sorted(metric.step for metric in tracking.get_metric_history(run_id, "loss/train"))
 
     def finetune():
         found = [r for r in runs() if r.data.tags.get("twostage.phase") == "finetune"]

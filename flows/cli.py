@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 
 from configs.errors import UserError
-from configs.loader import load_config
+from configs.loader import load_config, to_yaml
 from configs.schema import PHASES
 from flows.prefect_defaults import set_prefect_defaults
+from tasks.provenance import describe
 
 DEFAULT_CONFIG = "configs/quickstart.yaml"
 
@@ -35,6 +36,7 @@ def positive_int(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineErrors(prog="twostage", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=describe())
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrors)
     run = commands.add_parser("run", help="run the pipeline once (Prefect's ephemeral server unless PREFECT_API_URL is set)")
     serve = commands.add_parser("serve", help="serve the pipeline on a cron schedule from a Prefect server")
@@ -50,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         "--rerun", choices=PHASES, metavar="PHASE",
         help=f"run PHASE and every phase after it even if an earlier run completed them ({', '.join(PHASES)})",
     )
+    run.add_argument("--print-config", action="store_true",
+                     help="print the resolved config (YAML, defaults filled in) and exit")
+    run.add_argument("--dry-run", action="store_true",
+                     help="say for each phase whether this run would reuse it or train it, and why; train nothing")
     sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                        help="sweep KEY over these values; several --grid sweep every combination (repeatable)")
     sweep.add_argument("--file", metavar="SWEEP.yaml",
@@ -74,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config whose model NAME is the default")
     args = parser.parse_args(argv)
     set_prefect_defaults()
+    # MLflow's own INFO lines (database migrations, system metrics) in a second format between ours: WARNING and up.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     try:
         if args.command == "serve":
             return serve_pipeline(args.config, args.overrides, args.cron, args.name)
@@ -88,6 +96,14 @@ def main(argv: list[str] | None = None) -> int:
             from flows.predict import predict
 
             return predict(args.model or default_model_uri(args.config), args.images)
+        if args.print_config:
+            print(to_yaml(load_config(args.config, args.overrides)), end="")
+            return 0
+        if args.dry_run:
+            from flows.plan import plan
+
+            print(plan(load_config(args.config, args.overrides), args.rerun))
+            return 0
         return run_pipeline(args.config, args.overrides, args.rerun)
     except UserError as error:
         print(f"twostage: error: {error}", file=sys.stderr)
@@ -104,11 +120,14 @@ def run_pipeline(config_path: str, overrides: list[str], rerun: str | None = Non
 
     from flows.interrupts import start_ephemeral_server_shielded, stop_on_signals
     from flows.two_stage import run_here  # imports Prefect, MLflow and torch: only once the config is valid
+    from tasks.progress import log_every_s, quiet_console
     from tasks.tracking import open_store, run_url, tracking_uri
 
     prefect_api_url = get_current_settings().api.url
     open_store(tracking_uri())  # a bad URI, an MLflow server that is down, a broken store: say so now, in one line
+    log_every_s()  # a bad TWOSTAGE_PROGRESS_EVERY_S: one line now, not a failed phase
     _hide_tracebacks_of_expected_errors(tracking_uri(), prefect_api_url)
+    quiet_console()
     with stop_on_signals() as stopped:
         try:
             start_ephemeral_server_shielded()
@@ -134,9 +153,7 @@ def run_pipeline(config_path: str, overrides: list[str], rerun: str | None = Non
             return 3
     metrics = "  ".join(f"{name} {value:.4f}" for name, value in report.metrics.items())
     uri = tracking_uri()
-    print(f"\nModel registry: {report.promotion}")
-    print(f"{config.name}: {metrics}")
-    print(f"MLflow run: {report.pipeline_run_id} (experiment {config.name}, tracking URI {uri})")
+    print(f"{config.name}: {metrics}; {report.promotion}")
     url = run_url(report.experiment_id, report.pipeline_run_id)
     if uri.startswith("http"):
         print(f"Open it: {url}")
@@ -153,11 +170,14 @@ def sweep_pipeline(args: argparse.Namespace) -> int:
     from prefect.settings import get_current_settings
 
     from flows.sweep import run_sweep
+    from tasks.progress import log_every_s, quiet_console
     from tasks.tracking import open_store, tracking_uri
 
     prefect_api_url = get_current_settings().api.url
     open_store(tracking_uri())
+    log_every_s()
     _hide_tracebacks_of_expected_errors(tracking_uri(), prefect_api_url)
+    quiet_console()
     return run_sweep(sweep, prefect_api_url, args.deployment, args.max_parallel, args.metric, args.out)
 
 

@@ -21,7 +21,7 @@ def compare(experiment: str, metric: str, last: int | None, out: Path) -> str:
         return f"no finished pipeline runs in experiment {experiment!r} at {tracking.tracking_uri()}"
     check_metric(runs, metric, experiment)
     runs.sort(key=lambda run: _sort_value(run.metrics, metric), reverse=not _lower_is_better(metric))
-    keys = sorted({key for run in runs for key in run.params})
+    keys = sorted({key for run in runs for key in run.params if not key.startswith("parameters/")})  # config only
     differing = [key for key in keys if len({run.params.get(key) for run in runs}) > 1]
     model_name = runs[0].params.get("evaluate.registered_model", "None")
     champion = tracking.champion_pipeline_run(experiment if model_name == "None" else model_name)
@@ -97,12 +97,12 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def validation_curve(run: tracking.PipelineRunRecord) -> list[tuple[int, float]]:
-    """val/acc of the head phase, then of the finetune phase, on one epoch axis."""
+    """acc/val of the head phase, then of the finetune phase, on one epoch axis."""
     curve: list[tuple[int, float]] = []
     for phase in ("head", "finetune"):
         run_id = tracking.phase_run_id(run, phase)
         offset = curve[-1][0] if curve else 0
-        curve += [(offset + step, value) for step, value in (tracking.metric_history(run_id, "val/acc") if run_id else [])]
+        curve += [(offset + step, value) for step, value in (tracking.metric_history(run_id, "acc/val") if run_id else [])]
     return curve
 
 

@@ -101,14 +101,30 @@ class Steps:
         return Checkpoint.model_validate(checkpoint.model_dump() | {"reused": True})
 
 
+def tag_flow_run(config: PipelineConfig, sweep: SweepRef | None) -> None:
+    """Tags to find the flow run by in Prefect's UI and API: `config:<name>`, `dataset:<name>`, `sweep:<id>` (added to
+    those it was created with, e.g. a deployment's)."""
+    from prefect.client.orchestration import get_client
+
+    tags = {f"config:{config.name}", f"dataset:{config.data.dataset}", *([f"sweep:{sweep.id}"] if sweep else [])}
+    current = set(runtime.flow_run.tags)
+    if not tags <= current:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(runtime.flow_run.id, tags=sorted(current | tags))
+
+
 @contextmanager
 def pipeline(config: PipelineConfig, rerun: Phase | None = None, sweep: SweepRef | None = None) -> Iterator[Steps]:
     """The parent run of one pipeline run (device and amp resolved on this machine), and its phases' runner;
     on success, the summary in Prefect and the loss curves in MLflow."""
     device = resolve_device(config.device)
     amp = resolve_amp(config.amp, device)
-    (get_run_logger().warning if amp.warning else get_run_logger().info)(amp.message)
+    tag_flow_run(config, sweep)
     with tracking.pipeline_run(config, runtime.flow_run.id, device, amp.enabled, rerun, sweep) as run:
+        (get_run_logger().warning if amp.warning else get_run_logger().info)(
+            "MLflow run %s (experiment %s); %s, %s", tracking.run_url(run.experiment_id, run.parent_run_id),
+            config.name, device, amp.message,
+        )
         steps = Steps(run)
         yield steps
         publish_summary(run, steps.results)

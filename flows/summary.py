@@ -19,7 +19,7 @@ def summary_markdown(results: dict[str, Any]) -> str:
     rows = [("data", "run", data.seconds, ", ".join(f"{k} {v}" for k, v in sizes.items()))]
     for phase in TRAINING:
         checkpoint: Checkpoint = results[phase]
-        headline = {k: v for k, v in checkpoint.metrics.items() if not k.startswith(("time/", "params/"))}
+        headline = {k: v for k, v in checkpoint.metrics.items() if not k.startswith("time/")}
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in headline.items())
         rows.append((phase, "reused" if checkpoint.reused else "run", checkpoint.seconds, metrics))
     report = results["evaluate"]

@@ -132,7 +132,7 @@ def run_here_one_by_one(todo: list[SweepPoint], ref: SweepRef, progress: Progres
         for index, point in enumerate(todo):
             progress.show(index - len(failed), 1, len(failed), len(todo) - index - 1)
             try:
-                run_here(point.config, sweep=ref, flow_run_name=point.run_name)
+                run_here(point.config, sweep=ref)
             except Exception as error:  # noqa: BLE001 - a failed point must not stop the others
                 reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 print(f"twostage sweep: point {point.label} failed: {reason}", file=sys.stderr, flush=True)

@@ -9,8 +9,9 @@ notices fresh data. The plumbing (parent run, retries, reuse, --rerun) is flows/
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from prefect import flow
+from prefect import flow, runtime
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
+from pydantic import ValidationError
 
 from configs.schema import Phase, PipelineConfig
 from flows.runner import pipeline
@@ -20,9 +21,19 @@ from tasks.finetune import finetune
 from tasks.head import train_head
 from tasks.pretrain import pretrain
 from tasks.results import EvalReport, SweepRef
+from tasks.tracking import run_name
 
 
-@flow(name="two-stage", validate_parameters=True)
+def named_like_its_mlflow_run() -> str:
+    """The flow run's name: its MLflow parent run's, `<config name>-<config hash, 7 characters>`."""
+    config = runtime.flow_run.parameters.get("config")
+    try:
+        return run_name(config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config))
+    except ValidationError:  # the flow run fails on its parameters, naming the field
+        return "two-stage-invalid-config"
+
+
+@flow(name="two-stage", validate_parameters=True, flow_run_name=named_like_its_mlflow_run)
 def two_stage(config: PipelineConfig, rerun: Phase | None = None, sweep: SweepRef | None = None) -> EvalReport:
     """Two-stage backpropagation: pretrain an encoder without labels, train a head on it frozen, finetune both."""
     with pipeline(config, rerun, sweep) as step:
@@ -33,12 +44,10 @@ def two_stage(config: PipelineConfig, rerun: Phase | None = None, sweep: SweepRe
         return step(evaluate, config.evaluate, data, finetuned)
 
 
-def run_here(config: PipelineConfig, rerun: Phase | None = None, sweep: SweepRef | None = None,
-             flow_run_name: str | None = None) -> EvalReport:
+def run_here(config: PipelineConfig, rerun: Phase | None = None, sweep: SweepRef | None = None) -> EvalReport:
     """Run the flow in this process, as `twostage run`, a sweep without a Prefect server and the benchmarks do."""
     with local_run_settings():
-        flow = two_stage.with_options(flow_run_name=flow_run_name) if flow_run_name else two_stage
-        return flow(config, rerun=rerun, sweep=sweep)
+        return two_stage(config, rerun=rerun, sweep=sweep)
 
 
 @contextmanager

@@ -53,17 +53,17 @@ def encode(encoder: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.T
 
 
 def classification_validator(inputs: torch.Tensor, targets: torch.Tensor) -> Validate:
-    """`validate` for the supervised phases: val/loss and val/acc of the model on (inputs, targets)."""
+    """`validate` for the supervised phases: loss/val and acc/val of the model on (inputs, targets)."""
 
     def validate(model: nn.Module) -> dict[str, float]:
         loss, accuracy, _ = classification_metrics(model, inputs, targets, batch_size=1024)
-        return {"val/loss": loss, "val/acc": accuracy}
+        return {"loss/val": loss, "acc/val": accuracy}
 
     return validate
 
 
 def best_val_acc(result: FitResult, validate: Validate, model: nn.Module) -> float:
-    """The best epoch's val/acc; with no epochs (`epochs: 0`), the model's as it is."""
+    """The best epoch's acc/val; with no epochs (`epochs: 0`), the model's as it is."""
     if not result.history:
-        return validate(model)["val/acc"]
-    return max(stats.val["val/acc"] for stats in result.history)
+        return validate(model)["acc/val"]
+    return max(stats.val["acc/val"] for stats in result.history)

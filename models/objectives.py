@@ -119,14 +119,14 @@ class Stage1:
     trained: nn.Module
     parameters: list[nn.Parameter]
     loss: LossFn
-    validation_loss: Callable[[torch.Tensor], float]  # validation images -> the objective's val/loss
+    validation_loss: Callable[[torch.Tensor], float]  # validation images -> the objective's loss/val
 
 
 @dataclass(frozen=True)
 class Objective:
     """A row of OBJECTIVES: how to set stage 1 up, the metric the pipeline reports, whether a decoder learns."""
 
-    headline: str  # the final val/loss under this name on the parent run, e.g. "pretrain/recon_loss"
+    headline: str  # the final loss/val under this name on the parent run, e.g. "pretrain/recon_loss"
     reconstructs: bool  # the decoder learns to reconstruct: worth a figure of inputs and reconstructions
     setup: Callable[[TwoStageModel, PretrainConfig], Stage1]
 

@@ -19,7 +19,7 @@ from torch import nn
 from configs.schema import EarlyStoppingConfig, OptimizerConfig, SchedulerConfig, TrainConfig
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (model, inputs, targets) -> scalar
-Validate = Callable[[nn.Module], dict[str, float]]  # model -> {"val/loss": ..., ...}
+Validate = Callable[[nn.Module], dict[str, float]]  # model -> {"loss/val": ..., ...}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -38,7 +38,7 @@ class EpochStats:
     seconds: float
 
     def metrics(self) -> dict[str, float]:
-        return {"train/loss": self.train_loss, **self.val, "lr": self.lr}
+        return {"loss/train": self.train_loss, **self.val, "lr": self.lr}
 
 
 @dataclass
@@ -97,7 +97,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: SchedulerConfig, ep
 
 
 class EarlyStopping:
-    """Tracks the best val/loss and its weights; says when patience has run out."""
+    """Tracks the best loss/val and its weights; says when patience has run out."""
 
     def __init__(self, config: EarlyStoppingConfig):
         self.config = config
@@ -133,6 +133,7 @@ def fit(
     resume: dict | None = None,
     amp: bool = False,
     compile: bool = False,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> FitResult:
     """Train the parameters in `param_groups` of `model` on `data` = (inputs, targets).
 
@@ -140,7 +141,7 @@ def fit(
         param_groups: torch's parameter groups, [{"params": [...]}, {"params": [...], "lr": 1e-4}, ...]: only
             these parameters are optimized; a group without "lr" gets `config.optimizer.lr`.
         loss_fn: the loss of one batch; it decides what a batch means (reconstruction, classes).
-        validate: metrics of the model after an epoch; "val/loss" drives schedules and early stopping.
+        validate: metrics of the model after an epoch; "loss/val" drives schedules and early stopping.
         on_epoch: called after every epoch (after `save_state`).
         generator: CPU generator for the batch order, so runs with the same seed repeat exactly.
         save_state: receives everything needed to continue after each epoch (model, optimizer,
@@ -148,6 +149,8 @@ def fit(
         resume: a state from `save_state`: training continues after its epoch, as if never stopped.
         amp: forward passes and losses under bfloat16 autocast (weights, gradients and optimizer stay float32).
         compile: the training forward pass through `torch.compile` (validation runs the model as it is).
+        on_batch: called after every optimizer step with (batches done this epoch, batches per epoch), for progress
+            displays; it must not wait on the device.
 
     Raises:
         NonFiniteLossError: the epoch's training loss was NaN or infinite.
@@ -170,6 +173,7 @@ def fit(
         result.history = [EpochStats(**stats) for stats in resume["history"]]
         result.stopped_early = resume["stopped_early"]
     count = len(inputs)
+    per_epoch = math.ceil(count / config.batch_size)
     forward = torch.compile(model) if compile else model  # shares the parameters; state dicts stay `model`'s
     for epoch in range(first_epoch, config.epochs + 1):
         if result.stopped_early:
@@ -178,7 +182,7 @@ def fit(
         train_mode(model)
         order = torch.randperm(count, generator=generator).to(inputs.device)
         total, seen = torch.zeros((), device=inputs.device), 0
-        for start in range(0, count, config.batch_size):
+        for batch, start in enumerate(range(0, count, config.batch_size), 1):
             index = order[start : start + config.batch_size]
             if len(index) == 1 and start > 0:
                 continue  # a lone trailing sample would break BatchNorm and adds nothing
@@ -191,16 +195,18 @@ def fit(
             optimizer.step()
             total += loss.detach() * len(index)
             seen += len(index)
+            if on_batch is not None:
+                on_batch(batch, per_epoch)
         train_loss = (total / seen).item()  # the epoch's one host sync
         if not math.isfinite(train_loss):
             raise NonFiniteLossError(epoch, train_loss)
         val = validate(model)
         lr = optimizer.param_groups[0]["lr"]
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(val["val/loss"])
+            scheduler.step(val["loss/val"])
         elif scheduler is not None:
             scheduler.step()
-        result.stopped_early = stopper.update(model, epoch, val["val/loss"])
+        result.stopped_early = stopper.update(model, epoch, val["loss/val"])
         stats = EpochStats(epoch, config.epochs, train_loss, val, lr, time.perf_counter() - started)
         result.history.append(stats)
         if save_state is not None:

@@ -35,7 +35,6 @@ def evaluate(config: EvalConfig, data: DataBundle, finetuned: Checkpoint, run: R
             "test/f1_macro": float(sk_metrics.f1_score(truth, predicted, labels=classes, average="macro", zero_division=0)),
         }
         child.log_metrics(metrics, on_parent=True)
-        logger.info("evaluate: %s", " ".join(f"{name} {value:.4f}" for name, value in metrics.items()))
         precision, recall, f1, support = sk_metrics.precision_recall_fscore_support(
             truth, predicted, labels=classes, zero_division=0
         )
@@ -71,7 +70,8 @@ def evaluate(config: EvalConfig, data: DataBundle, finetuned: Checkpoint, run: R
         except BaseException:  # failed or stopped before the decision: the version must not stay registered
             child.delete_model_version(registered_name, version)
             raise
-        logger.info("registry: %s", promotion)
+        logger.info("evaluate: %s; registry: %s", " ".join(f"{name} {value:.4f}" for name, value in metrics.items()),
+                    promotion)
         seconds = time.perf_counter() - child.started
         child.log_metrics({"time/evaluate_s": seconds}, on_parent=True)
         return EvalReport(

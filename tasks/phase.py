@@ -1,13 +1,14 @@
-"""A training phase in progress: its MLflow child run, seeding, epoch states, progress lines, final checkpoint.
+"""A training phase in progress: its MLflow child run, seeding, epoch states, progress, final checkpoint.
 
 A training phase writes its whole training state after an epoch (atomically, keeping the previous one) once
 `checkpoint_every_s` has passed since the last, and after its last epoch; then it sends the metrics of the
 epochs since the last state to MLflow in one batch. Started again with the same inputs (a Prefect retry, or
 the same command after the process was killed), it resumes after the saved epoch in the same MLflow child
-run, and logs no epoch twice.
+run, and logs no epoch twice. Progress shows as tasks/progress.py says: a live line on a terminal, periodic lines
+elsewhere, and a Prefect progress artifact inside a Prefect task.
 
-A phase gets its key, logger and tracker passed in (`training_phase`), so its training function runs without
-the Prefect engine; inside a task, `open_phase` supplies Prefect's.
+A phase gets its key, logger, tracker and progress artifact passed in (`training_phase`), so its training function
+runs without the Prefect engine; inside a task, `open_phase` supplies Prefect's.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from tasks.checkpoints import sha256
 from tasks.epoch_states import EpochStates
 from tasks.files import join, local_copy, torch_bytes, write_atomically
 from tasks.keys import input_key
+from tasks.progress import PhaseProgress, terminal_console
 from tasks.results import Checkpoint, RunContext
 
 PHASE_SEEDS = {"pretrain": 1, "head": 2, "finetune": 3}
@@ -46,7 +48,8 @@ class TrainingPhase:
     """One training phase in progress: its MLflow child run, batch-order generator and epoch states."""
 
     def __init__(self, name: str, context: RunContext, child: tracking.PhaseTracker, states: EpochStates,
-                 resume: dict | None, logger: logging.Logger | logging.LoggerAdapter):
+                 resume: dict | None, logger: logging.Logger | logging.LoggerAdapter,
+                 progress_artifact: tuple[Callable, Callable] | None = None):
         self.name = name
         self.context = context
         self.device = context.device
@@ -54,7 +57,9 @@ class TrainingPhase:
         self.states = states
         self.resume = resume
         self.logger = logger
-        self.parameter_counts: dict[str, float] = {}
+        self.progress_artifact = progress_artifact
+        self.progress: PhaseProgress | None = None
+        self.parameter_counts: dict[str, int] = {}
         self.saved_epoch = resume["epoch"] if resume else 0
         self.saved_at = monotonic()
         self.logged_through = 0  # epochs up to this one are in the child run already (from an earlier attempt)
@@ -68,7 +73,8 @@ class TrainingPhase:
         trainable = sum(p.numel() for group in param_groups for p in group["params"])
         frozen = sum(p.numel() for p in model.parameters()) - trainable
         self.child.log_params({"params_trainable": trainable, "params_frozen": frozen})
-        self.parameter_counts = {f"params/{self.name}_trainable": trainable, f"params/{self.name}_frozen": frozen}
+        self.parameter_counts = {f"parameters/{self.name}_trainable": trainable,
+                                 f"parameters/{self.name}_frozen": frozen}
 
     def fit(
         self,
@@ -85,7 +91,7 @@ class TrainingPhase:
         if config.epochs == 0:
             self.logger.info("%s: epochs 0, so no training: the weights stay as they came in", self.name)
         if self.resume is not None:
-            self.logged_through = self.child.last_step("train/loss")
+            self.logged_through = self.child.last_step("loss/train")
             for saved in self.resume["history"]:  # a crash after saving an epoch state, before sending its epochs
                 self._queue(EpochStats(**saved))
             self.logger.info("%s: resuming after epoch %d/%d", self.name, self.resume["epoch"], config.epochs)
@@ -97,10 +103,13 @@ class TrainingPhase:
                 self.states.save({**state, "run_id": self.child.run_id})
                 self.saved_epoch, self.saved_at = state["epoch"], now
 
+        self.progress = PhaseProgress(self.name, config.epochs, self.saved_epoch + 1, self.logger,
+                                      self.progress_artifact, terminal_console())
         try:
             return fit(
                 model, param_groups, loss_fn, data, validate, config, self._report, self.generator,
                 save_state=save_state, resume=self.resume, amp=self.context.amp, compile=self.context.compile,
+                on_batch=self.progress.batch,
             )
         except NonFiniteLossError as error:
             raise TrainingDivergedError(
@@ -108,14 +117,14 @@ class TrainingPhase:
                 f"lower {self.name}.optimizer.lr or set {self.name}.grad_clip_norm (e.g. 1.0)"
             ) from error
         finally:
+            self.progress.close()
             self._send()
 
     def _report(self, stats: EpochStats) -> None:
         self._queue(stats)
         shown = " ".join(f"{name} {value:.4f}" for name, value in stats.metrics().items() if name != "lr")
-        self.logger.info(
-            "%s epoch %d/%d %s lr %.2e %.1fs", self.name, stats.epoch, stats.epochs, shown, stats.lr, stats.seconds
-        )
+        line = f"{self.name} epoch {stats.epoch}/{stats.epochs} {shown} lr {stats.lr:.2e} {stats.seconds:.1f}s"
+        self.progress.epoch(stats.epoch, line, shown)
 
     def _queue(self, stats: EpochStats) -> None:
         """Queue the epoch's metrics, unless an earlier attempt logged them; once the epoch's state is saved,
@@ -139,7 +148,7 @@ class TrainingPhase:
         """Save and log the final weights; drop the epoch states, which are no longer needed.
 
         headline: the phase's key result for the parent run, e.g. {"head/best_val_acc": 0.97}; the parent
-        also gets the phase's seconds and parameter counts.
+        also gets the phase's seconds, and its parameter counts as params.
         """
         path = self.states.stem + ".pt"
         weights = torch_bytes(model.state_dict())
@@ -147,19 +156,21 @@ class TrainingPhase:
         with local_copy(path, weights) as file:
             self.child.log_artifact(file, "checkpoint")  # the curves: MLflow charts the per-epoch metrics
         seconds = time.perf_counter() - self.child.started
-        metrics = {**headline, **self.parameter_counts, f"time/{self.name}_s": seconds}
+        metrics = {**headline, f"time/{self.name}_s": seconds}
         self.child.log_metrics(metrics, on_parent=True)
+        self.child.log_params(self.parameter_counts, on_parent_only=True)
         self.states.clear()
         return Checkpoint(
             phase=self.name, path=path, sha256=sha256(weights), model=model_config, input_shape=input_shape,
             num_classes=model.head[-1].out_features, metrics=metrics, run_id=self.child.run_id, seconds=seconds,
+            parameter_counts=self.parameter_counts,
         )
 
 
 @contextmanager
 def training_phase(
     name: str, run: RunContext, key: str, logger: logging.Logger | logging.LoggerAdapter,
-    open_child: OpenChild = tracking.phase_run,
+    open_child: OpenChild = tracking.phase_run, progress_artifact: tuple[Callable, Callable] | None = None,
 ) -> Iterator[TrainingPhase]:
     """Open (or, when resuming, reopen) the phase's child run and load its last good epoch state.
 
@@ -170,10 +181,13 @@ def training_phase(
     resume = states.load(logger)
     reopen = (resume["run_id"], resume["epoch"]) if resume else None
     with open_child(run, name, reopen=reopen) as child:
-        yield TrainingPhase(name, run, child, states, resume, logger)
+        yield TrainingPhase(name, run, child, states, resume, logger, progress_artifact)
 
 
 def open_phase(name: str, parameters: dict[str, Any]) -> AbstractContextManager[TrainingPhase]:
     """`training_phase` inside the phase's Prefect task, given the task's parameters: keyed as Prefect caches the
-    task's result, logging through Prefect's run logger."""
-    return training_phase(name, parameters["run"], input_key(name, parameters), get_run_logger())
+    task's result, logging through Prefect's run logger, its progress a Prefect progress artifact."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    return training_phase(name, parameters["run"], input_key(name, parameters), get_run_logger(),
+                          progress_artifact=(create_progress_artifact, update_progress_artifact))

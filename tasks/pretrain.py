@@ -31,7 +31,7 @@ def train_encoder(phase: TrainingPhase, config: PretrainConfig, model_config: Mo
     stage1 = objective.setup(model, config)
     groups = [{"params": stage1.parameters}]
     phase.log_parameter_counts(nn.ModuleList([model, stage1.trained]), groups)
-    validate = lambda trained: {"val/loss": stage1.validation_loss(splits.val_x)}  # noqa: E731
+    validate = lambda trained: {"loss/val": stage1.validation_loss(splits.val_x)}  # noqa: E731
     phase.fit(stage1.trained, groups, stage1.loss, (splits.train_x, splits.train_y), validate, config)
 
     headline = {objective.headline: stage1.validation_loss(splits.val_x)}

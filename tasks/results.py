@@ -78,6 +78,7 @@ class Checkpoint(Value):
     metrics: dict[str, float]
     run_id: str
     seconds: float
+    parameter_counts: dict[str, int] = {}  # {"parameters/head_trainable": ..., ".../head_frozen": ...}: MLflow params
     reused: bool = False  # set by the flow when the result came from an earlier flow run
 
 

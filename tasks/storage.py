@@ -59,6 +59,19 @@ def check_stored_result(storage: str, key: str) -> str | None:
     return f"{location} {problem}, so it was not loaded (moved to {key}.rejected)"
 
 
+def stored_checkpoint(storage: str, key: str) -> tuple[Checkpoint | None, str | None]:
+    """(the Checkpoint stored for the key, None) or (None, why there is none), reading only: for a plan."""
+    location = join(storage, "results", key)
+    try:
+        content = read_bytes(location)
+    except FileNotFoundError:
+        return None, f"no result is stored under its key {key[:12]} in {join(storage, 'results')}"
+    problem = _record_problem(content)
+    if problem:
+        return None, f"the stored result {location} {problem}"
+    return Checkpoint.model_validate(json.loads(json.loads(content)["result"])["data"]), None
+
+
 def _record_problem(content: bytes) -> str | None:
     try:
         record = json.loads(content)  # plain JSON: no object hooks, nothing imported or constructed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +15,10 @@ import pytest
 from flows.prefect_defaults import set_prefect_defaults
 
 set_prefect_defaults()  # before Prefect is imported: offline, patient with a new server
+# Every epoch's line in the log (not one every 10 s), in this process and the CLIs and workers the tests start:
+# tests follow a run by its epoch lines. tests/test_progress.py specifies the periodic lines.
+os.environ["TWOSTAGE_PROGRESS_EVERY_S"] = "0"
+os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"  # a sample of MLflow's system metrics in the tiny runs
 
 REPO = Path(__file__).resolve().parents[1]
 

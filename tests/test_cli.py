@@ -96,15 +96,86 @@ def test_run_prints_progress_then_metrics_run_id_and_the_mlflow_ui_command(tmp_p
     )
     assert result.returncode == 0, result.stderr[-3000:]
     for phase in ("pretrain", "head", "finetune"):
-        assert f"{phase} epoch 2/2 train/loss" in result.stderr
-    assert "val/acc" in result.stderr
+        assert f"{phase} epoch 2/2 loss/train" in result.stderr
+    assert "acc/val" in result.stderr
     assert "amp false: float32" in result.stderr  # what the run trains in, and why, in one line
-    lines = result.stdout.strip().splitlines()
-    assert lines[-3].startswith("quickstart: test/acc ")
-    run_id = lines[-2].split()[2]
-    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in lines[-1]
+    assert "Starting temporary server" not in result.stderr and "See https://" not in result.stderr
+    assert "Successfully registered model" not in result.stderr + result.stdout
+    result_line, open_line = result.stdout.strip().splitlines()
+    assert result_line.startswith("quickstart: test/acc ") and "is the champion of quickstart" in result_line
+    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in open_line
+    run_id = open_line.rsplit("/runs/", 1)[1]
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id)
     assert run.info.status == "FINISHED" and "test/acc" in run.data.metrics
+
+
+def test_in_a_terminal_the_quickstart_shows_ten_lines_with_a_finished_live_line_per_phase(tmp_path):
+    """What a user sees at the end of `twostage run` in a 200x60 terminal, read through a terminal emulator."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    import pyte
+
+    columns, rows = 200, 60
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+    env = {**environment(tmp_path), "TERM": "xterm-256color", "TWOSTAGE_PROGRESS_EVERY_S": "10"}
+    env.pop("NO_COLOR", None)
+    process = subprocess.Popen([str(TWOSTAGE), "run", "-c", str(QUICKSTART)], cwd=tmp_path, env=env,
+                               stdin=follower, stdout=follower, stderr=follower, start_new_session=True)
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed: the process ended
+            break
+        if not chunk:
+            break
+        output += chunk
+    assert process.wait(timeout=300) == 0, output.decode(errors="replace")[-3000:]
+    screen = pyte.Screen(columns, rows)
+    pyte.ByteStream(screen).feed(output)
+    lines = [line.rstrip() for line in screen.display if line.strip()]
+    assert len(lines) <= 10, "\n".join(lines)
+    for phase, epochs in (("pretrain", 30), ("head", 30), ("finetune", 20)):
+        [live] = [line for line in lines if line.startswith(f"{phase} ")]
+        assert re.match(rf"{phase} +━+ 100% epoch {epochs}/{epochs} batch done [\d.]+ it/s", live), live
+    assert "Finished in state Completed()" in lines[-3]  # the flow run's state; the tasks' are not repeated
+    assert sum("Finished in state" in line for line in lines) == 1
+    assert lines[-1].startswith("Open it: ")
+
+
+def test_version_print_config_and_dry_run(tmp_path):
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    version = twostage("--version", cwd=tmp_path)
+    assert version.returncode == 0 and version.stdout.strip() == f"twostage 0.1.0 (commit {head[:7]})"
+
+    printed = twostage("run", "-c", str(QUICKSTART), "--set", "seed=3", "--print-config", cwd=tmp_path)
+    assert printed.returncode == 0, printed.stderr
+    (tmp_path / "resolved.yaml").write_text(printed.stdout)
+    assert load_config(tmp_path / "resolved.yaml") == load_config(QUICKSTART, ["seed=3"])  # every default spelled out
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()
+
+
+def test_a_dry_run_says_which_phases_a_run_would_reuse_or_train_and_why(prefect_server, tmp_path):
+    fast = ["--set", "pretrain.epochs=2", "--set", "head.epochs=2", "--set", "finetune.epochs=2"]
+    before = twostage("run", "-c", str(QUICKSTART), *fast, "--dry-run", cwd=tmp_path)
+    assert before.returncode == 0, before.stderr[-3000:]
+    assert re.search(r"^  pretrain +train +no result is stored under its key", before.stdout, re.M), before.stdout
+    assert re.search(r"^  head +train +its input, pretrain, is trained in this run", before.stdout, re.M)
+    assert not (tmp_path / "outputs" / "results").exists()  # nothing trained, nothing stored
+
+    assert twostage("run", "-c", str(QUICKSTART), *fast, cwd=tmp_path).returncode == 0
+    after = twostage("run", "-c", str(QUICKSTART), *fast, "--set", "finetune.epochs=3", "--dry-run", cwd=tmp_path)
+    assert after.returncode == 0, after.stderr[-3000:]
+    assert re.search(r"^  pretrain +reuse +MLflow run [0-9a-f]{32} trained it", after.stdout, re.M), after.stdout
+    assert re.search(r"^  head +reuse +MLflow run", after.stdout, re.M)
+    assert re.search(r"^  finetune +train +no result is stored under its key", after.stdout, re.M)
+    rerun = twostage("run", "-c", str(QUICKSTART), *fast, "--dry-run", "--rerun", "head", cwd=tmp_path)
+    assert re.search(r"^  head +train +--rerun head", rerun.stdout, re.M), rerun.stdout
 
 
 def test_a_run_killed_in_any_phase_resumes_when_the_same_command_runs_again(prefect_server, tmp_path):
@@ -167,7 +238,7 @@ def test_a_run_killed_in_any_phase_resumes_when_the_same_command_runs_again(pref
         child = phase_runs[0]
         assert child.info.status == "FINISHED"
         assert child.data.tags["twostage.resumed_from_epoch"] == str(resumed_after[phase])
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")] == list(range(1, 21))
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "loss/train")] == list(range(1, 21))
         if phase != "finetune":
             assert final.data.tags[f"twostage.reused.{phase}"] == child.info.run_id
     for name, value in reference.metrics.items():

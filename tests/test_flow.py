@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import getpass
+import subprocess
 from pathlib import Path
 
 import mlflow
@@ -53,7 +55,7 @@ def test_parent_run_carries_tags_flattened_params_and_resolved_config(quickstart
     tags = parent.data.tags
     assert len(tags["twostage.config_hash"]) == 64
     assert parent.info.run_name == f"quickstart-{tags['twostage.config_hash'][:7]}"
-    assert tags["twostage.git_commit"] and tags["twostage.flow_run_id"] not in ("", "None")
+    assert tags["mlflow.source.git.commit"] and tags["twostage.flow_run_id"] not in ("", "None")
     assert len(tags["twostage.data_fingerprint"]) == 64
     assert (tags["twostage.device"], tags["twostage.amp"]) == ("cpu", "float32")  # quickstart: amp false
     params = parent.data.params
@@ -62,6 +64,35 @@ def test_parent_run_carries_tags_flattened_params_and_resolved_config(quickstart
     config_yaml = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(
         run_id=parent.info.run_id, artifact_path="config.yaml", tracking_uri=quickstart_run["uri"])).read_text())
     assert validate_config(config_yaml) == load_config(REPO / "configs" / "quickstart.yaml")
+
+
+def test_the_parent_run_has_mlflows_standard_tags_and_system_metrics(quickstart_run):
+    parent = quickstart_run["parent"]
+    tags = parent.data.tags
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert tags["mlflow.user"] == getpass.getuser() and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.source.name"] == "twostage (flows/two_stage.py)" and tags["mlflow.source.git.commit"] == head
+    assert "twostage.git_commit" not in tags  # the standard tag is its one home
+    assert parent.data.metrics["system/cpu_utilization_percentage"] >= 0  # sampled every second in the tests
+
+
+def test_the_flow_run_is_named_and_tagged_like_its_mlflow_run_links_to_it_and_shows_each_phases_progress(
+        quickstart_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    parent = quickstart_run["parent"]
+    flow_run_id = parent.data.tags["twostage.flow_run_id"]
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(flow_run_id)
+        artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    assert flow_run.name == parent.info.run_name == f"quickstart-{parent.data.tags['twostage.config_hash'][:7]}"
+    assert {"config:quickstart", "dataset:digits"} <= set(flow_run.tags)
+    links = [artifact.data for artifact in artifacts if artifact.key == "twostage-mlflow-run"]
+    assert len(links) == 1 and f"/runs/{parent.info.run_id})" in links[0]
+    progress = {artifact.description.split(":")[0]: artifact.data for artifact in artifacts
+                if artifact.type == "progress"}
+    assert progress == {"pretrain": 100.0, "head": 100.0, "finetune": 100.0}
 
 
 def test_one_finished_child_run_per_phase(quickstart_run):
@@ -73,9 +104,9 @@ def test_one_finished_child_run_per_phase(quickstart_run):
 
 
 @pytest.mark.parametrize("phase, epochs, metrics", [
-    ("pretrain", 30, {"train/loss", "val/loss", "lr"}),
-    ("head", 30, {"train/loss", "val/loss", "val/acc", "lr"}),
-    ("finetune", 20, {"train/loss", "val/loss", "val/acc", "lr"}),
+    ("pretrain", 30, {"loss/train", "loss/val", "lr"}),
+    ("head", 30, {"loss/train", "loss/val", "acc/val", "lr"}),
+    ("finetune", 20, {"loss/train", "loss/val", "acc/val", "lr"}),
 ])
 def test_training_phases_log_every_epoch_as_a_step(quickstart_run, phase, epochs, metrics):
     client, run = quickstart_run["client"], quickstart_run["children"][phase]
@@ -83,7 +114,7 @@ def test_training_phases_log_every_epoch_as_a_step(quickstart_run, phase, epochs
     for name in metrics:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, name)]
         assert steps == list(range(1, epochs + 1)), name
-    losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss/train")]
     assert losses[-1] < losses[0]
 
 
@@ -172,9 +203,9 @@ def test_zero_epochs_skip_training_for_baselines(prefect_server, workdir):
     client = MlflowClient()
     children = {run.data.tags["twostage.phase"]: run
                 for run in client.search_runs([report.experiment_id], filter_string="tags.`twostage.phase` != ''")}
-    assert "train/loss" not in children["pretrain"].data.metrics
-    assert "train/loss" not in children["finetune"].data.metrics
-    assert [m.step for m in client.get_metric_history(children["head"].info.run_id, "train/loss")] == [1, 2]
+    assert "loss/train" not in children["pretrain"].data.metrics
+    assert "loss/train" not in children["finetune"].data.metrics
+    assert [m.step for m in client.get_metric_history(children["head"].info.run_id, "loss/train")] == [1, 2]
     checkpoints = {phase: torch.load(next(Path("outputs/checkpoints").glob(f"{phase}-*.pt")), weights_only=True)
                    for phase in ("pretrain", "head", "finetune")}
     for name, weights in checkpoints["pretrain"].items():
@@ -193,5 +224,5 @@ def test_the_parent_loss_figure_draws_when_no_phase_logged_an_epoch():
 
     from tasks.plots import pipeline_curves
 
-    figure = pipeline_curves({phase: {"train/loss": [], "val/loss": []} for phase in ("pretrain", "head", "finetune")})
+    figure = pipeline_curves({phase: {"loss/train": [], "loss/val": []} for phase in ("pretrain", "head", "finetune")})
     figure.savefig(io.BytesIO(), format="png")

@@ -32,7 +32,7 @@ class FakeTracker:
         self.params, self.metrics, self.epochs, self.artifacts, self.figures = {}, {}, [], [], []
         self.fail_after_epoch = fail_after_epoch
 
-    def log_params(self, params):
+    def log_params(self, params, on_parent_only=False):
         self.params.update(params)
 
     def log_metrics(self, metrics, on_parent=False):
@@ -146,7 +146,7 @@ def test_head_training_changes_only_the_head_and_finetuning_then_changes_the_enc
     for key, value in weights["pretrain"].items():
         same = torch.equal(value, weights["head"][key])
         assert same == (not key.startswith("head.")), key
-    assert {"val/acc", "train/loss"} <= set(tracker.epochs[-1].values) and "head/best_val_acc" in tracker.metrics
+    assert {"acc/val", "loss/train"} <= set(tracker.epochs[-1].values) and "head/best_val_acc" in tracker.metrics
     assert tracker.params["params_trainable"] < tracker.params["params_frozen"]
 
     tracker = FakeTracker()
@@ -155,4 +155,4 @@ def test_head_training_changes_only_the_head_and_finetuning_then_changes_the_enc
     after = torch_load(read_bytes(finetuned.path))
     assert not torch.equal(after["encoder.1.weight"], weights["head"]["encoder.1.weight"])
     assert [epoch.step for epoch in tracker.epochs] == [1, 2] and "finetune/best_val_acc" in tracker.metrics
-    assert finetuned.metrics["finetune/best_val_acc"] == max(epoch.values["val/acc"] for epoch in tracker.epochs)
+    assert finetuned.metrics["finetune/best_val_acc"] == max(epoch.values["acc/val"] for epoch in tracker.epochs)

@@ -57,9 +57,11 @@ def test_the_parent_run_carries_phase_results_times_and_parameter_counts(two_run
             "finetune/best_val_acc", "time/total_s"} <= set(metrics)
     assert all(metrics[f"time/{phase}_s"] > 0 for phase in PHASES)
     assert metrics["time/total_s"] >= sum(metrics[f"time/{phase}_s"] for phase in PHASES)
-    assert metrics["params/head_frozen"] > 0 and metrics["params/head_trainable"] > 0
-    assert metrics["params/finetune_trainable"] == metrics["params/head_trainable"] + metrics["params/head_frozen"] - \
-        metrics["params/finetune_frozen"]
+    counts = {key: int(value) for key, value in parent.data.params.items() if key.startswith("parameters/")}
+    assert counts["parameters/head_frozen"] > 0 and counts["parameters/head_trainable"] > 0  # params, not metrics
+    assert counts["parameters/finetune_trainable"] == counts["parameters/head_trainable"] + \
+        counts["parameters/head_frozen"] - counts["parameters/finetune_frozen"]
+    assert not any(name.startswith(("params/", "parameters/")) for name in metrics)
     assert parent.info.run_name == f"quickstart-{parent.data.tags['twostage.config_hash'][:7]}"
 
 

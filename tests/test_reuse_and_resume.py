@@ -170,7 +170,7 @@ def test_an_exception_in_a_phase_is_retried_by_prefect_and_resumes_from_its_epoc
         result = two_stage(config)
         client = MlflowClient()
         head = children(client, result.pipeline_run_id)["head"]
-        steps = [m.step for m in client.get_metric_history(head.info.run_id, "train/loss")]
+        steps = [m.step for m in client.get_metric_history(head.info.run_id, "loss/train")]
     assert failures == [2]
     assert head.info.status == "FINISHED" and head.data.tags["twostage.resumed_from_epoch"] == "2"
     assert steps == [1, 2, 3, 4]  # one child run, each epoch logged once
@@ -197,7 +197,7 @@ def test_epoch_states_are_saved_once_checkpoint_every_s_has_passed_and_a_retry_l
         result = two_stage(config)
         client = MlflowClient()
         head = children(client, result.pipeline_run_id)["head"]
-        steps = [m.step for m in client.get_metric_history(head.info.run_id, "train/loss")]
+        steps = [m.step for m in client.get_metric_history(head.info.run_id, "loss/train")]
     # 1.2 s after the phase started, epoch 3 is saved; epoch 4 is not (0.4 s later) and fails; the retry
     # resumes after epoch 3, runs epoch 4 again without logging it a second time, and saves its last epoch
     assert saved == [3, 5]
@@ -215,7 +215,7 @@ def test_a_phase_that_fails_between_epoch_states_still_sends_the_epochs_it_train
     head = [run for run in client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
             if run.data.tags.get("twostage.phase") == "head"]
     assert [run.info.status for run in head] == ["FAILED"]
-    assert [m.step for m in client.get_metric_history(head[0].info.run_id, "train/loss")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(head[0].info.run_id, "loss/train")] == [1, 2, 3]
 
 
 def test_a_diverging_loss_stops_the_phase_naming_epoch_and_settings_and_keeps_earlier_work(prefect_server, workdir):

@@ -125,7 +125,7 @@ def runs_of(tracking: MlflowClient, experiment: str, flow_run_id) -> list:
 
 
 def steps(tracking: MlflowClient, run_id: str) -> list[int]:
-    return sorted(metric.step for metric in tracking.get_metric_history(run_id, "train/loss"))
+    return sorted(metric.step for metric in tracking.get_metric_history(run_id, "loss/train"))
 
 
 def test_four_runs_at_once_two_on_the_workers_two_from_clients_lose_and_duplicate_nothing_and_the_best_is_champion(

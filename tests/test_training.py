@@ -33,7 +33,7 @@ def blobs(count: int = 256, classes: int = 4, seed: int = 0) -> tuple[torch.Tens
 
 def run(model, groups, loss_fn, data, config, validate=None, seed=0):
     history = []
-    validate = validate or (lambda m: {"val/loss": 0.0})
+    validate = validate or (lambda m: {"loss/val": 0.0})
     result = fit(model, groups, loss_fn, data, validate, config, history.append, torch.Generator().manual_seed(seed))
     return result, history
 
@@ -87,7 +87,7 @@ def test_train_head_leaves_encoder_weights_and_batchnorm_stats_unchanged():
     head_before = [p.detach().clone() for p in model.head.parameters()]
     config = TrainConfig(epochs=3, batch_size=32)
     run(model, groups, classification_loss(), (images, labels), config,
-        validate=lambda m: {"val/loss": classification_metrics(m, images, labels, 64)[0]})
+        validate=lambda m: {"loss/val": classification_metrics(m, images, labels, 64)[0]})
     for key, value in model.encoder.state_dict().items():
         assert torch.equal(value, encoder_state[key]), key  # weights, running_mean/var, num_batches_tracked
     assert any(not torch.equal(b, a) for b, a in zip(head_before, model.head.parameters()))
@@ -145,7 +145,7 @@ def test_early_stopping_stops_and_restores_the_best_weights():
 
     def validate(m):
         snapshots.append({k: v.clone() for k, v in m.state_dict().items()})
-        return {"val/loss": next(scores)}
+        return {"loss/val": next(scores)}
 
     config = TrainConfig(epochs=6, batch_size=16, early_stopping=EarlyStoppingConfig(enabled=True, patience_epochs=2))
     result, history = run(model, [{"params": list(model.parameters())}], classification_loss(), (images, labels), config, validate)
@@ -170,7 +170,7 @@ def test_schedulers_set_the_lr_of_each_epoch(scheduler, expected):
     val_losses = iter([1.0, 1.0, 1.0, 1.0])
     config = TrainConfig(epochs=4, batch_size=32, optimizer=OptimizerConfig(lr=1.0, name="sgd", momentum=0), scheduler=scheduler)
     _, history = run(model, [{"params": list(model.parameters())}], lambda m, x, y: 0.0 * m(x).sum(), (images, labels), config,
-                     validate=lambda m: {"val/loss": next(val_losses)})
+                     validate=lambda m: {"loss/val": next(val_losses)})
     assert [s.lr for s in history] == pytest.approx(expected)
 
 
@@ -248,7 +248,7 @@ def test_resuming_a_saved_state_gives_the_uninterrupted_result(tmp_path):
 
         try:
             fit(model, [{"params": list(model.parameters())}], classification_loss(), (images, labels),
-                lambda m: {"val/loss": classification_metrics(m, images, labels, 64)[0]}, config, on_epoch,
+                lambda m: {"loss/val": classification_metrics(m, images, labels, 64)[0]}, config, on_epoch,
                 torch.Generator().manual_seed(5), save_state=saved.append, resume=resume)
         except Interrupted:
             pass
@@ -309,7 +309,7 @@ def test_bf16_autocast_and_compile_train_float32_weights_to_the_same_accuracy(op
         torch.manual_seed(0)
         model = build_model(ModelConfig(encoder_widths=[32, 16]), (1, 8, 8), 4)
         fit(model, [{"params": list(model.parameters())}], classification_loss(), (images, labels),
-            lambda m: {"val/loss": 0.0}, config, lambda stats: None, torch.Generator().manual_seed(0),
+            lambda m: {"loss/val": 0.0}, config, lambda stats: None, torch.Generator().manual_seed(0),
             **{option: enabled})
         assert all(p.dtype == torch.float32 for p in model.parameters())
         assert not any(key.startswith("_orig_mod") for key in model.state_dict())

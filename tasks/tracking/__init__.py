@@ -26,6 +26,7 @@ from tasks.tracking.runs import (
     phase_run,
     pipeline_run,
     record_reuse,
+    run_name,
     unlinked_run,
 )
 from tasks.tracking.store import TrackingStoreError, open_store, run_url, tracking_uri
@@ -37,7 +38,7 @@ class PhaseTracker(Protocol):
     run_id: str
     started: float  # time.perf_counter() when the phase's run opened
 
-    def log_params(self, params: dict) -> None: ...
+    def log_params(self, params: dict, on_parent_only: bool = False) -> None: ...
     def log_metrics(self, metrics: dict[str, float], on_parent: bool = False) -> None: ...
     def log_epochs(self, epochs: list[EpochMetrics]) -> None: ...
     def log_artifact(self, path: Path, folder: str | None = None) -> None: ...
@@ -48,5 +49,5 @@ class PhaseTracker(Protocol):
 __all__ = [
     "EpochMetrics", "ModelNotFoundError", "PhaseRun", "PhaseTracker", "PipelineRunRecord", "champion_pipeline_run",
     "load_classifier", "log_pipeline_curves", "metric_history", "phase_run", "phase_run_id", "pipeline_run",
-    "pipeline_runs", "record_reuse", "run_url", "tracking_uri", "TrackingStoreError", "open_store", "unlinked_run",
+    "pipeline_runs", "record_reuse", "run_name", "run_url", "tracking_uri", "TrackingStoreError", "open_store", "unlinked_run",
 ]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,21 +29,12 @@ from configs.loader import flatten, to_yaml
 from configs.schema import PipelineConfig, fingerprint
 from tasks import plots
 from tasks.files import absolute
+from tasks.provenance import git_commit
 from tasks.results import Checkpoint, RunContext, SweepRef
 from tasks.tracking import registry
 from tasks.tracking.history import metric_history
 from tasks.tracking.store import client as store_client
-from tasks.tracking.store import open_store, tracking_uri
-
-
-def _git_commit() -> str:
-    """The commit of the checkout this code runs from, wherever the run starts; "unknown" outside a checkout."""
-    try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).resolve().parents[2])
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return result.stdout.strip() if result.returncode == 0 else "unknown"
+from tasks.tracking.store import open_store, run_url, tracking_uri
 
 
 @contextmanager
@@ -56,6 +46,10 @@ def pipeline_run(
 
     device and amp: as resolved on this machine (the config may say "auto"); tagged, and handed to the phases with
     `rerun` (`--rerun PHASE`). A sweep's point is nested under the sweep's run and tagged with its id.
+
+    MLflow's standard tags come from MLflow's own context providers (mlflow.user, mlflow.source.*), the commit from
+    this package's checkout wherever the run starts; MLflow's system metrics (CPU, memory, disk, network) are sampled
+    onto the run unless MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING is false.
 
     The run ends FINISHED, FAILED (an exception) or KILLED (Ctrl-C), never left RUNNING.
     """
@@ -71,10 +65,10 @@ def pipeline_run(
     config_hash = fingerprint(config)
     parent = client.create_run(
         experiment_id,
-        run_name=f"{config.name}-{config_hash[:7]}",
+        run_name=run_name(config),
         tags={
+            **_standard_tags(),
             "twostage.config_hash": config_hash,
-            "twostage.git_commit": _git_commit(),
             "twostage.device": device,
             "twostage.amp": "bf16" if amp else "float32",
             **_process_tags(str(flow_run_id)),
@@ -83,7 +77,7 @@ def pipeline_run(
         },
     )
     run_id = parent.info.run_id
-    with _terminated_on_exit(client, run_id):
+    with _terminated_on_exit(client, run_id), _system_metrics(run_id, uri):
         _log_params(client, run_id, flatten(config))
         client.log_text(run_id, to_yaml(config), "config.yaml")
         yield RunContext(
@@ -103,6 +97,40 @@ def pipeline_run(
         client.log_metric(run_id, "time/total_s", time.perf_counter() - started)
 
 
+def run_name(config: PipelineConfig) -> str:
+    """The parent run's name, and its Prefect flow run's: `<config name>-<config hash, 7 characters>`."""
+    return f"{config.name}-{fingerprint(config)[:7]}"
+
+
+def _standard_tags() -> dict[str, str]:
+    """MLflow's standard tags of a run started here, its source being this package's flow and commit."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    commit = git_commit()
+    tags = resolve_tags({"mlflow.source.name": "twostage (flows/two_stage.py)", "mlflow.source.type": "LOCAL"})
+    tags.pop("mlflow.source.git.commit", None)  # resolved from the entry script's folder, which may be another repo
+    tags.pop("mlflow.source.git.repoURL", None)
+    tags.pop("mlflow.source.git.branch", None)
+    return {**tags, **({"mlflow.source.git.commit": commit} if commit else {})}
+
+
+@contextmanager
+def _system_metrics(run_id: str, uri: str) -> Iterator[None]:
+    """MLflow's system metrics monitor on the run (`system/...`, every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL s,
+    10 by default), on unless MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false."""
+    if os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").lower() in ("false", "0", "no"):
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, tracking_uri=uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
 @dataclass
 class EpochMetrics:
     step: int
@@ -119,8 +147,9 @@ class PhaseRun:
         self.client = store_client(context.tracking_uri)
         self.started = time.perf_counter()
 
-    def log_params(self, params: dict) -> None:
-        _log_params(self.client, self.run_id, {key: str(value) for key, value in params.items()})
+    def log_params(self, params: dict, on_parent_only: bool = False) -> None:
+        run_id = self.context.parent_run_id if on_parent_only else self.run_id
+        _log_params(self.client, run_id, {key: str(value) for key, value in params.items()})
 
     def log_metrics(self, metrics: dict[str, float], on_parent: bool = False) -> None:
         """Metrics at step 0, on this run (and on the parent run)."""
@@ -185,7 +214,8 @@ class PhaseRun:
     def log_model(self, model, input_example, registered_name: str, metadata: dict, tags: dict[str, str]):
         """Log the final PyTorch model (signature inferred from the example) as a new registered version.
 
-        Returns the logged model's URI and the new version number.
+        Registered through the client, which prints nothing (mlflow.pytorch.log_model's own registration prints
+        "Successfully registered model" between our log lines). Returns the logged model's URI and the version.
         """
         torch_version = torch.__version__.split("+")[0]  # without the local "+cu130": pip can resolve it
         info = mlflow.pytorch.log_model(
@@ -194,13 +224,18 @@ class PhaseRun:
             input_example=input_example,
             pip_requirements=[f"torch=={torch_version}"],  # inferring them costs ~10 s in a subprocess
             metadata=metadata,
-            registered_model_name=registered_name,
             run_id=self.run_id,
         )
-        version = str(info.registered_model_version)
-        for key, value in tags.items():
-            self.client.set_model_version_tag(registered_name, version, key, value)
-        return info.model_uri, version
+        try:
+            self.client.create_registered_model(registered_name)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        created = self.client.create_model_version(
+            registered_name, info.model_uri, run_id=self.run_id, tags=tags, model_id=info.model_id,
+            description=f"Pipeline run: {run_url(self.context.experiment_id, self.context.parent_run_id)}",
+        )
+        return info.model_uri, str(created.version)
 
     def delete_model_version(self, name: str, version: str) -> None:
         self.client.delete_model_version(name, version)
@@ -248,7 +283,7 @@ def _reopen(client: MlflowClient, run_id: str, experiment_id: str) -> str | None
 def log_pipeline_curves(context: RunContext, phase_run_ids: dict[str, str]) -> None:
     """One figure on the parent run with the loss curves of every training phase (reused ones too)."""
     histories = {
-        phase: {name: metric_history(run_id, name, context.tracking_uri) for name in ("train/loss", "val/loss")}
+        phase: {name: metric_history(run_id, name, context.tracking_uri) for name in ("loss/train", "loss/val")}
         for phase, run_id in phase_run_ids.items()
     }
     store_client(context.tracking_uri).log_figure(context.parent_run_id, plots.pipeline_curves(histories),
@@ -271,7 +306,8 @@ def record_reuse(context: RunContext, phase: str, checkpoint: Checkpoint) -> Non
     client.set_tag(context.parent_run_id, f"twostage.reused.{phase}", checkpoint.run_id)
     stamp = int(time.time() * 1000)
     metrics = [Metric(name, value, stamp, 0) for name, value in checkpoint.metrics.items()]
-    client.log_batch(context.parent_run_id, metrics=metrics)
+    params = [Param(name, str(count)) for name, count in checkpoint.parameter_counts.items()]
+    client.log_batch(context.parent_run_id, metrics=metrics, params=params)
 
 
 def _prefect_link(flow_run_id: str | None) -> dict[str, str]:

@@ -14,6 +14,7 @@ from tasks.locks import ProcessLockManager, holding
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store
+UI_URL_VARIABLE = "TWOSTAGE_MLFLOW_UI_URL"
 
 
 def tracking_uri() -> str:
@@ -71,8 +72,14 @@ def _check_server(uri: str, fix: str) -> None:
         raise TrackingStoreError(f"MLflow tracking server {uri} answered /health with {answer.status_code}; {fix}")
 
 
-def run_url(experiment_id: str, run_id: str) -> str:
-    """The run's page: on the tracking server, or on `mlflow ui` for a local store."""
+def ui_url() -> str:
+    """Where users open the MLflow UI: TWOSTAGE_MLFLOW_UI_URL when set (a proxy, another host name or port), else the
+    tracking server, else `mlflow ui`'s default address for a local store."""
     uri = tracking_uri()
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else MLFLOW_UI
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    default = uri if uri.startswith(("http://", "https://")) else MLFLOW_UI
+    return (os.environ.get(UI_URL_VARIABLE) or default).rstrip("/")
+
+
+def run_url(experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI (ui_url)."""
+    return f"{ui_url()}/#/experiments/{experiment_id}/runs/{run_id}"
