@@ -35,6 +35,7 @@ from rich.theme import Theme
 from configs.errors import UserError
 
 EVERY_S_VARIABLE = "TWOSTAGE_PROGRESS_EVERY_S"
+LIVE_EVERY_S = 0.05  # the live line's numbers: updated at most this often (rich redraws it 4 times a second)
 ARTIFACT_EVERY_S = 2.0  # the Prefect progress artifact: one API call per epoch at most this often
 CONSOLE_ONLY = "twostage_progress"  # a log record carrying this attribute is a progress line (see quiet_console)
 
@@ -92,6 +93,7 @@ class PhaseProgress:
         self.per_epoch = 0  # batches per epoch, known at the first batch
         self.trained = 0  # batches trained by this process
         self.unlogged: str | None = None  # the last epoch's line, when it was not logged
+        self.drawn_at = -float("inf")
         self.live: Progress | None = None
         if console is not None and epochs > 0:
             fixed = dict(table_column=Column(no_wrap=True))  # on a narrow terminal the metrics are cut, not these
@@ -119,9 +121,12 @@ class PhaseProgress:
         if self.live is not None:
             if self.per_epoch != per_epoch:  # the first batch: now the total is known
                 self.per_epoch = per_epoch
-                self.live.update(self.task, total=per_epoch * self.epochs,
-                                 completed=per_epoch * (self.epoch_now - 1) + done - 1)
-            self.live.update(self.task, advance=1, batch=f"{done}/{per_epoch}")
+                self.live.update(self.task, total=per_epoch * self.epochs)
+            now = time.monotonic()
+            if now - self.drawn_at >= LIVE_EVERY_S or done == per_epoch:  # the line redraws 4 times a second
+                self.drawn_at = now
+                self.live.update(self.task, completed=per_epoch * (self.epoch_now - 1) + done,
+                                 batch=f"{done}/{per_epoch}")
             return
         self.per_epoch = per_epoch
         if self.every_s and time.monotonic() - self.logged_at >= self.every_s:

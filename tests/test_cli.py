@@ -104,7 +104,7 @@ def test_run_prints_progress_then_metrics_run_id_and_the_mlflow_ui_command(tmp_p
     result_line, open_line = result.stdout.strip().splitlines()
     assert result_line.startswith("quickstart: test/acc ") and "is the champion of quickstart" in result_line
     assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in open_line
-    run_id = open_line.rsplit("/runs/", 1)[1]
+    run_id = open_line.split("/runs/")[1].removesuffix("?workflowType=machine_learning")
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id)
     assert run.info.status == "FINISHED" and "test/acc" in run.data.metrics
 

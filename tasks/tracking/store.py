@@ -81,5 +81,7 @@ def ui_url() -> str:
 
 
 def run_url(experiment_id: str, run_id: str) -> str:
-    """The run's page in the MLflow UI (ui_url)."""
-    return f"{ui_url()}/#/experiments/{experiment_id}/runs/{run_id}"
+    """The run's page in the MLflow UI (ui_url), in its model-training view (MLflow 3.17's UI opens in its GenAI
+    view, where a training run shows as an "evaluation")."""
+    return f"{ui_url()}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
