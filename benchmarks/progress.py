@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.Generator().manual_seed(0), on_batch=display.batch if display else None)
         seconds = (time.perf_counter() - started) / args.epochs
         if display:
-            display.close()
+            display.close(finished=True)
         return seconds
 
     variants = ["none", "plain lines", "live line"]

@@ -127,7 +127,7 @@ def run_pipeline(config_path: str, overrides: list[str], rerun: str | None = Non
     open_store(tracking_uri())  # a bad URI, an MLflow server that is down, a broken store: say so now, in one line
     log_every_s()  # a bad TWOSTAGE_PROGRESS_EVERY_S: one line now, not a failed phase
     _hide_tracebacks_of_expected_errors(tracking_uri(), prefect_api_url)
-    quiet_console()
+    quiet_console(live=True)
     with stop_on_signals() as stopped:
         try:
             start_ephemeral_server_shielded()
@@ -177,7 +177,7 @@ def sweep_pipeline(args: argparse.Namespace) -> int:
     open_store(tracking_uri())
     log_every_s()
     _hide_tracebacks_of_expected_errors(tracking_uri(), prefect_api_url)
-    quiet_console()
+    quiet_console(live=True)
     return run_sweep(sweep, prefect_api_url, args.deployment, args.max_parallel, args.metric, args.out)
 
 

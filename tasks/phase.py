@@ -105,20 +105,25 @@ class TrainingPhase:
 
         self.progress = PhaseProgress(self.name, config.epochs, self.saved_epoch + 1, self.logger,
                                       self.progress_artifact, terminal_console())
+        finished = False
         try:
-            return fit(
+            result = fit(
                 model, param_groups, loss_fn, data, validate, config, self._report, self.generator,
                 save_state=save_state, resume=self.resume, amp=self.context.amp, compile=self.context.compile,
                 on_batch=self.progress.batch,
             )
+            finished = True
+            return result
         except NonFiniteLossError as error:
             raise TrainingDivergedError(
                 f"{self.name}: the training loss became non-finite in epoch {error.epoch}; "
                 f"lower {self.name}.optimizer.lr or set {self.name}.grad_clip_norm (e.g. 1.0)"
             ) from error
         finally:
-            self.progress.close()
-            self._send()
+            try:
+                self.progress.close(finished)
+            finally:
+                self._send()
 
     def _report(self, stats: EpochStats) -> None:
         self._queue(stats)

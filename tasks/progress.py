@@ -57,9 +57,13 @@ def log_every_s() -> float:
 
 
 def terminal_console() -> Console | None:
-    """The rich console Prefect logs to, when it is a terminal (so a live line and log lines share it); else None.
+    """The rich console Prefect logs to, when `quiet_console` set this process up for a live line and the console is
+    a terminal (so the live line and log lines share it); else None. Not in a worker's or a served flow's process,
+    even one started in a terminal: several flow runs may share it.
 
     Prefect's console has a theme of its own, without rich's progress styles: they are pushed onto it."""
+    if not _live_lines:
+        return None
     for logger in (logging.getLogger(), logging.getLogger("prefect")):
         for handler in logger.handlers:
             console = getattr(handler, "console", None)
@@ -94,6 +98,12 @@ class PhaseProgress:
         self.trained = 0  # batches trained by this process
         self.unlogged: str | None = None  # the last epoch's line, when it was not logged
         self.drawn_at = -float("inf")
+        self.update_artifact = artifact[1] if artifact else None
+        self.artifact_id = None
+        self.artifact_at = -float("inf")
+        if artifact is not None and epochs > 0:
+            self._artifact(lambda: setattr(self, "artifact_id", artifact[0](
+                progress=100.0 * (first_epoch - 1) / epochs, description=self._describe(first_epoch - 1))))
         self.live: Progress | None = None
         if console is not None and epochs > 0:
             fixed = dict(table_column=Column(no_wrap=True))  # on a narrow terminal the metrics are cut, not these
@@ -108,12 +118,6 @@ class PhaseProgress:
             self.task = self.live.add_task(phase, total=None, epoch=first_epoch, epochs=epochs, batch="-",
                                            metrics="")
             self.live.start()
-        self.create_artifact, self.update_artifact = artifact or (None, None)
-        self.artifact_id = None
-        self.artifact_at = -float("inf")
-        if self.create_artifact is not None and epochs > 0:
-            self.artifact_id = self.create_artifact(progress=100.0 * (first_epoch - 1) / epochs,
-                                                    description=self._describe(first_epoch - 1))
 
     def batch(self, done: int, per_epoch: int) -> None:
         """`done` of this epoch's `per_epoch` batches are trained."""
@@ -140,20 +144,38 @@ class PhaseProgress:
         if epoch in (self.first_epoch, self.epochs) or now - self.logged_at >= self.every_s:
             self._log(line + (self._rate() if epoch < self.epochs else ""))
         if self.live is not None:
-            self.live.update(self.task, epoch=min(epoch + 1, self.epochs), metrics=metrics)
-        if self.artifact_id is not None and (epoch == self.epochs or now - self.artifact_at >= ARTIFACT_EVERY_S):
-            self.update_artifact(self.artifact_id, progress=100.0 * epoch / self.epochs,
-                                 description=self._describe(epoch))
+            self.live.update(self.task, epoch=min(epoch + 1, self.epochs), metrics=metrics,
+                             completed=self.per_epoch * epoch)  # a lone trailing sample is skipped, not a batch
+        if epoch == self.epochs or now - self.artifact_at >= ARTIFACT_EVERY_S:
+            self._update_artifact(epoch)
             self.artifact_at = now
 
-    def close(self) -> None:
-        """Log the last epoch's line if it was not (training stopped early, or failed); stop the live line, leaving
-        its last state on the terminal."""
+    def close(self, finished: bool) -> None:
+        """Log the last epoch's line if it was not (training stopped early, or failed), bring the artifact up to the
+        last epoch, and stop the live line, leaving its last state on the terminal."""
+        last = self.epoch_now - 1
         if self.unlogged is not None:
             self._log(self.unlogged)
+        if last > self.first_epoch - 1:
+            self._update_artifact(last)
         if self.live is not None:
-            self.live.update(self.task, epoch=self.epoch_now - 1, batch="done")
+            self.live.update(self.task, epoch=last, batch="done" if finished else "stopped")
             self.live.stop()
+
+    def _update_artifact(self, epoch: int) -> None:
+        if self.artifact_id is not None:
+            self._artifact(lambda: self.update_artifact(self.artifact_id, progress=100.0 * epoch / self.epochs,
+                                                        description=self._describe(epoch)))
+
+    def _artifact(self, call: Callable[[], object]) -> None:
+        """A call to Prefect's artifact API: a failure (the server busy or gone) costs the artifact, not the phase,
+        which stops updating it after one warning."""
+        try:
+            call()
+        except Exception as error:  # noqa: BLE001 - whatever the API raised, training goes on
+            self.logger.warning("%s: the Prefect progress artifact is not updated any more (%s: %s)", self.phase,
+                                type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "")
+            self.artifact_id, self.update_artifact = None, None
 
     def _rate(self) -> str:
         """", 45.2 it/s, ETA 0:02:31": batches per second since the phase started here, and the time left."""
@@ -194,8 +216,14 @@ class QuietConsole(logging.Filter):
                     and record.getMessage().startswith("Finished in state Completed("))
 
 
-def quiet_console() -> None:
-    """Install QuietConsole on the console handlers Prefect set up (the root logger's and any others')."""
+_live_lines: list[bool] = []  # [True] once quiet_console(live=True) ran in this process
+
+
+def quiet_console(live: bool) -> None:
+    """Install QuietConsole on the console handlers Prefect set up (the root logger's and any others'); with `live`
+    (`twostage run` and a local sweep: one flow run at a time), training phases draw a live line on a terminal."""
+    if live:
+        _live_lines[:] = [True]
     terminal = terminal_console() is not None
     loggers = [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict))]
     for logger in loggers:

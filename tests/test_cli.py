@@ -110,7 +110,8 @@ def test_run_prints_progress_then_metrics_run_id_and_the_mlflow_ui_command(tmp_p
 
 
 def test_in_a_terminal_the_quickstart_shows_ten_lines_with_a_finished_live_line_per_phase(tmp_path):
-    """What a user sees at the end of `twostage run` in a 200x60 terminal, read through a terminal emulator."""
+    """What a user sees at the end of `twostage run` in a 400x60 terminal (wide: no line wraps), read through a
+    terminal emulator."""
     import fcntl
     import pty
     import struct
@@ -118,7 +119,7 @@ def test_in_a_terminal_the_quickstart_shows_ten_lines_with_a_finished_live_line_
 
     import pyte
 
-    columns, rows = 200, 60
+    columns, rows = 400, 60
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
     env = {**environment(tmp_path), "TERM": "xterm-256color", "TWOSTAGE_PROGRESS_EVERY_S": "10"}

@@ -89,7 +89,7 @@ def test_the_flow_run_is_named_and_tagged_like_its_mlflow_run_links_to_it_and_sh
     assert flow_run.name == parent.info.run_name == f"quickstart-{parent.data.tags['twostage.config_hash'][:7]}"
     assert {"config:quickstart", "dataset:digits"} <= set(flow_run.tags)
     links = [artifact.data for artifact in artifacts if artifact.key == "twostage-mlflow-run"]
-    assert len(links) == 1 and f"/runs/{parent.info.run_id})" in links[0]
+    assert len(links) == 1 and f"/runs/{parent.info.run_id}?workflowType=machine_learning)" in links[0]
     progress = {artifact.description.split(":")[0]: artifact.data for artifact in artifacts
                 if artifact.type == "progress"}
     assert progress == {"pretrain": 100.0, "head": 100.0, "finetune": 100.0}

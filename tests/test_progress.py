@@ -21,7 +21,7 @@ def train(progress: PhaseProgress, epochs: int, batches: int, clock: list[float]
                 clock[0] += 1.0  # one second per batch
             progress.batch(batch, batches)
         progress.epoch(epoch, f"pretrain epoch {epoch}/{epochs} loss/train 0.5000", "loss/train 0.5000")
-    progress.close()
+    progress.close(finished=True)
 
 
 @pytest.fixture
@@ -61,7 +61,7 @@ def test_a_phase_that_stops_early_still_logs_its_last_epoch(monkeypatch, caplog,
     for epoch in (1, 2, 3):
         clock[0] += 1
         progress.epoch(epoch, f"head epoch {epoch}/10", "")
-    progress.close()
+    progress.close(finished=True)
     assert [record.getMessage().split(",")[0] for record in caplog.records] == ["head epoch 1/10", "head epoch 3/10"]
 
 
@@ -99,3 +99,22 @@ def test_a_bad_interval_is_one_line_naming_the_variable(monkeypatch, value):
     monkeypatch.setenv("TWOSTAGE_PROGRESS_EVERY_S", value)
     with pytest.raises(UserError, match=r"^TWOSTAGE_PROGRESS_EVERY_S=.* is not a number of seconds; set it to e\.g\. 10"):
         log_every_s()
+
+
+def test_a_failing_progress_artifact_costs_one_warning_not_the_phase(monkeypatch, caplog, clock):
+    monkeypatch.setenv("TWOSTAGE_PROGRESS_EVERY_S", "0")
+    updates = []
+
+    def create(progress, description):
+        return "artifact-id"
+
+    def update(artifact_id, progress, description):
+        updates.append(progress)
+        raise ConnectionError("the Prefect server is gone")
+
+    progress = PhaseProgress("head", 3, 1, logging.getLogger("phase"), artifact=(create, update))
+    train(progress, epochs=3, batches=2, clock=clock)
+    assert updates == [100 / 3]  # the first update failed; no more were tried
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["head: the Prefect progress artifact is not updated any more (ConnectionError: the Prefect "
+                        "server is gone)"]
