@@ -47,9 +47,10 @@ def plan(config: PipelineConfig, rerun: Phase | None = None) -> str:
             how, why, upstream = "train", f"its input, {trained_before}, is trained in this run", None
         else:
             key = input_key(phase, {**inputs[phase](), "run": context})
-            upstream, missing = stored_checkpoint(storage, key)
-            problem = missing or (checkpoint_problem(upstream) and f"checkpoint {checkpoint_problem(upstream)}") \
-                or unlinked_run(context, upstream)
+            upstream, problem = stored_checkpoint(storage, key)
+            if problem is None:
+                broken = checkpoint_problem(upstream)
+                problem = f"checkpoint {broken}" if broken else unlinked_run(context, upstream)
             if problem:
                 how, why, upstream = "train", problem, None
             else:
