@@ -137,6 +137,10 @@ class FinetuneConfig(SupervisedConfig):
     """Stage 3: everything trains; the encoder at `optimizer.lr * encoder_lr_ratio`."""
 
     encoder_lr_ratio: float = Field(0.1, gt=0, le=1)
+    unfreeze_after_epochs: NonNegativeInt = Field(
+        0, description="The encoder stays frozen (weights and BatchNorm statistics) for this many epochs while the "
+        "head trains on, then trains at its lr (Lightning's BackboneFinetuning habit); 0: from the first epoch.",
+    )
     augment: AugmentConfig = Field(AugmentConfig(), description="Augmentation of the labeled training images.")
 
 
@@ -210,7 +214,17 @@ class DataConfig(StrictModel):
 class ModelConfig(StrictModel):
     """Encoder, decoder (the encoder mirrored) and classification head."""
 
-    kind: Literal["mlp", "cnn"] = "mlp"
+    kind: Literal["mlp", "cnn", "backbone"] = "mlp"
+    backbone: str = Field(
+        "resnet18", description="backbone: a torchvision classification model (torchvision.models.list_models()), "
+        "its classifier removed: its pooled features go to the head. Grayscale images are repeated to 3 channels.",
+    )
+    weights: str = Field(
+        "none", description="backbone: none (random), imagenet (torchvision's weights, checksum-checked; offline "
+        "from the torch hub cache in $TORCH_HOME), a state-dict file of the torchvision model (.pth or .pt, loaded "
+        "with weights_only; .safetensors), or an MLflow model URI (models:/NAME@ALIAS, models:/NAME/VERSION, "
+        "runs:/ID/model) of another twostage backbone model, whose encoder becomes this one's starting point.",
+    )
     encoder_widths: list[PositiveInt] = Field(
         [256, 128], min_length=1, description="Linear layers of the encoder; the last is the feature size."
     )
@@ -221,6 +235,25 @@ class ModelConfig(StrictModel):
     activation: Literal["relu", "gelu", "tanh", "leaky_relu"] = "relu"
     dropout: float = Field(0.0, ge=0, lt=1)
     batchnorm: bool = False
+
+    @field_validator("backbone")
+    @classmethod
+    def _a_torchvision_classifier(cls, name: str, info: ValidationInfo) -> str:
+        if info.data.get("kind") == "backbone":
+            from torchvision.models import list_models
+
+            known = list_models(module=__import__("torchvision").models)
+            if name not in known:
+                raise ValueError(f"model.backbone {name!r} is not a torchvision classification model; e.g. resnet18, "
+                                 "resnet34, mobilenet_v3_small (torchvision.models.list_models())")
+        return name
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_for_a_backbone(cls, weights: str, info: ValidationInfo) -> str:
+        if weights != "none" and info.data.get("kind") != "backbone":
+            raise ValueError("model.weights applies to model.kind backbone; mlp and cnn encoders start random")
+        return weights
 
 
 class PipelineConfig(StrictModel):
@@ -250,6 +283,15 @@ class PipelineConfig(StrictModel):
     head: HeadConfig = HeadConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     evaluate: EvalConfig = EvalConfig()
+
+    @field_validator("pretrain")
+    @classmethod
+    def _a_backbone_pretrains_contrastively(cls, pretrain: PretrainConfig, info: ValidationInfo) -> PretrainConfig:
+        model = info.data.get("model")
+        if model is not None and model.kind == "backbone" and pretrain.objective != "contrastive":
+            raise ValueError(f"pretrain.objective {pretrain.objective} needs a decoder, which a backbone has not: use "
+                             "contrastive (with pretrain.epochs 0 the backbone stays as it came)")
+        return pretrain
 
     @field_validator("storage")
     @classmethod

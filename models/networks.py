@@ -34,12 +34,38 @@ class TwoStageModel(nn.Module):
 
 
 def build_model(config: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> TwoStageModel:
-    if config.kind == "mlp":
-        encoder, decoder = _mlp_autoencoder(config, input_shape)
+    if config.kind == "backbone":
+        encoder = Backbone(config.backbone)
+        features, decoder = encoder.features(input_shape), nn.Sequential()  # no decoder: stage 1 is contrastive
     else:
-        encoder, decoder = _cnn_autoencoder(config, input_shape)
-    features = config.encoder_widths[-1]
+        encoder, decoder = (_mlp_autoencoder if config.kind == "mlp" else _cnn_autoencoder)(config, input_shape)
+        features = config.encoder_widths[-1]
     return TwoStageModel(encoder, decoder, _mlp(features, [*config.head_widths, num_classes], config), features)
+
+
+class Backbone(nn.Module):
+    """A torchvision classification model without its classifier: images -> its pooled features. Grayscale images
+    are repeated to the 3 channels it takes. Its weights are `net`'s (keys `net.<torchvision key>`)."""
+
+    CLASSIFIERS = ("fc", "classifier", "heads", "head")  # what torchvision's model families call the last layers
+
+    def __init__(self, name: str):
+        super().__init__()
+        from torchvision.models import get_model
+
+        self.net = get_model(name, weights=None)
+        self.classifier_name = next(n for n in self.CLASSIFIERS if isinstance(getattr(self.net, n, None), nn.Module))
+        setattr(self.net, self.classifier_name, nn.Identity())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, 1 or 3, H, W) -> (B, features)
+        return self.net(images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images)
+
+    def features(self, input_shape: tuple[int, int, int]) -> int:
+        was_training = self.training
+        with torch.no_grad():
+            size = self.eval()(torch.zeros(1, *input_shape)).shape[1]
+        self.train(was_training)
+        return size
 
 
 def _mlp(in_features: int, widths: list[int], config: ModelConfig) -> nn.Sequential:

@@ -8,8 +8,9 @@ from typing import Any
 
 from prefect.cache_policies import CacheKeyFnPolicy
 
-from configs.schema import fingerprint
+from configs.schema import ModelConfig, fingerprint
 from tasks.results import Checkpoint, DataBundle, LabeledSubset, RunContext
+from tasks.weights import weights_identity
 
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,6 +43,8 @@ def input_key(task_name: str, parameters: dict[str, Any]) -> str:
             return value.fingerprint
         if isinstance(value, Checkpoint):
             return value.sha256
+        if isinstance(value, ModelConfig) and (weights := weights_identity(value)):  # a backbone's starting weights
+            return [value.model_dump(mode="json"), weights]
         return value
 
     return fingerprint(task_name, CODE_FINGERPRINT, *(identity(value) for _, value in sorted(parameters.items())))

@@ -7,7 +7,7 @@ from prefect import task
 from torch import nn
 
 from configs.schema import ModelConfig, PretrainConfig
-from models.evaluation import encode, evaluating
+from models.evaluation import encode, evaluating, first_block_maps
 from models.networks import build_model
 from models.objectives import OBJECTIVES
 from tasks import plots
@@ -15,6 +15,7 @@ from tasks.data import load_splits
 from tasks.keys import PHASE_CACHE
 from tasks.phase import TrainingPhase, open_phase
 from tasks.results import Checkpoint, DataBundle, RunContext
+from tasks.weights import load_starting_weights
 
 
 @task(name="pretrain", cache_policy=PHASE_CACHE, persist_result=True)
@@ -26,7 +27,11 @@ def pretrain(config: PretrainConfig, model_config: ModelConfig, data: DataBundle
 
 def train_encoder(phase: TrainingPhase, config: PretrainConfig, model_config: ModelConfig, data: DataBundle) -> Checkpoint:
     splits = load_splits(data, phase.device)
-    model = build_model(model_config, data.input_shape, data.num_classes).to(phase.device)
+    model = build_model(model_config, data.input_shape, data.num_classes)
+    if model_config.kind == "backbone":
+        source = load_starting_weights(model.encoder, model_config)
+        phase.logger.info("pretrain: backbone %s, starting from %s", model_config.backbone, source or "random weights")
+    model = model.to(phase.device)
     objective = OBJECTIVES[config.objective]
     stage1 = objective.setup(model, config)
     groups = [{"params": stage1.parameters}]
@@ -39,6 +44,10 @@ def train_encoder(phase: TrainingPhase, config: PretrainConfig, model_config: Mo
         with evaluating(model), torch.inference_mode():
             sample = splits.val_x[:8]
             phase.child.log_figure(plots.reconstructions(sample, model.reconstruct(sample)), "reconstructions.png")
+    maps = first_block_maps(model.encoder, splits.val_x[:4])
+    if maps is not None:  # a convolutional encoder: what its first block sees
+        phase.child.log_figure(plots.feature_maps(splits.val_x[:4], maps, "first convolutional block after "
+                                                  "pretraining (validation images)"), "feature_maps.png")
     features = encode(model.encoder, splits.val_x, 1024)
     title = f"validation features after {config.objective} pretraining (PCA)"
     phase.child.log_figure(plots.feature_projection(features, splits.val_y, data.class_names, title), "features_pca.png")

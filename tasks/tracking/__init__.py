@@ -15,6 +15,7 @@ from tasks.tracking.history import (
     PipelineRunRecord,
     champion_pipeline_run,
     load_classifier,
+    logged_encoder_state,
     metric_history,
     phase_run_id,
     pipeline_runs,
@@ -48,6 +49,6 @@ class PhaseTracker(Protocol):
 
 __all__ = [
     "EpochMetrics", "ModelNotFoundError", "PhaseRun", "PhaseTracker", "PipelineRunRecord", "champion_pipeline_run",
-    "load_classifier", "log_pipeline_curves", "metric_history", "phase_run", "phase_run_id", "pipeline_run",
+    "load_classifier", "logged_encoder_state", "log_pipeline_curves", "metric_history", "phase_run", "phase_run_id", "pipeline_run",
     "pipeline_runs", "record_reuse", "run_name", "run_url", "tracking_uri", "TrackingStoreError", "open_store", "unlinked_run",
 ]

@@ -1,0 +1,114 @@
+"""Where a backbone's starting weights come from (`model.weights`), loaded into the encoder before stage 1, and what
+identifies them in the phase keys.
+
+- `imagenet`: torchvision's weights for the backbone (its weights enum's DEFAULT), checked against their sha256
+  prefix; downloaded where there is a network, else read from the torch hub cache ($TORCH_HOME/hub/checkpoints).
+- a file: a state dict of the torchvision model (`torchvision.models.get_model(name).state_dict()`), read with
+  `weights_only=True` (`.pth`, `.pt`) or as safetensors (`.safetensors`); its sha256 is in the phase keys, so a
+  changed file trains again.
+- an MLflow model URI (`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/model`): the logged twostage model's
+  encoder, a backbone of the same architecture: transfer from another experiment of our own registry.
+
+The classifier's weights in a file or torchvision's are dropped (the backbone has none); any other missing,
+unexpected or mis-shaped key is one line naming the source and the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from configs.errors import UserError
+from configs.schema import ModelConfig
+from models.networks import Backbone
+from tasks.checkpoints import sha256
+
+MLFLOW_SCHEMES = ("models:/", "runs:/")
+
+
+class WeightsError(UserError):
+    """The starting weights can't be read or don't fit the backbone: the message names the source and the key."""
+
+
+def load_starting_weights(encoder: Backbone, config: ModelConfig) -> str | None:
+    """Load `model.weights` into the backbone; returns what was loaded, for the log, or None for random weights."""
+    if config.weights == "none":
+        return None
+    if config.weights == "imagenet":
+        state, source = _torchvision_weights(config.backbone)
+    elif config.weights.startswith(MLFLOW_SCHEMES):
+        from tasks.tracking import logged_encoder_state
+
+        state, source = logged_encoder_state(config.weights), config.weights
+        state = {key.removeprefix("net."): value for key, value in state.items()}
+    else:
+        state, source = _file_weights(Path(config.weights)), config.weights
+    classifier = f"{encoder.classifier_name}."
+    state = {key: value for key, value in state.items() if not key.startswith(classifier)}
+    _load_exactly(encoder.net, state, source)
+    return source
+
+
+def weights_identity(config: ModelConfig) -> str | None:
+    """What the phase keys hold of the starting weights: a file's sha256, the torchvision weights' name, the MLflow
+    URI as given (an alias that moves to another version is a new model only once its bytes differ: the
+    pretrain checkpoint's sha256 keys the later phases)."""
+    if config.kind != "backbone" or config.weights == "none":
+        return None
+    if config.weights == "imagenet" or config.weights.startswith(MLFLOW_SCHEMES):
+        return config.weights
+    path = Path(config.weights)
+    if not path.is_file():
+        raise WeightsError(f"model.weights {config.weights}: no such file; give a state-dict file (.pth, .pt, .safetensors), "
+                           "imagenet, none, or an MLflow model URI")
+    return sha256(path.read_bytes())
+
+
+def _torchvision_weights(backbone: str) -> tuple[dict, str]:
+    from torch.hub import get_dir
+    from torchvision.models import get_model_weights
+
+    weights = get_model_weights(backbone).DEFAULT
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True), f"torchvision {weights}"
+    except (OSError, RuntimeError) as error:  # URLError is an OSError; a bad checksum a RuntimeError
+        raise WeightsError(
+            f"model.weights imagenet: torchvision's {weights} could not be read ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:160]}); without a network, copy {weights.url.rsplit('/', 1)[1]} into "
+            f"{get_dir()}/checkpoints, or give a state-dict file"
+        ) from None
+
+
+def _file_weights(path: Path) -> dict:
+    if not path.is_file():
+        raise WeightsError(f"model.weights {path}: no such file; give a state-dict file (.pth, .pt, .safetensors), imagenet, none, "
+                           "or an MLflow model URI")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - unpickling refused, truncated, not a torch file: one line each way
+        raise WeightsError(f"model.weights {path} is no plain state dict ({type(error).__name__}: "
+                           f"{str(error).strip().splitlines()[0][:160] if str(error).strip() else ''})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"model.weights {path} is no state dict of tensors (a dict of name -> tensor)")
+    return state
+
+
+def _load_exactly(net: torch.nn.Module, state: dict, source: str) -> None:
+    expected = net.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    if missing or unexpected:
+        key, what = (missing[0], "lacks") if missing else (unexpected[0], "has a key the backbone has not:")
+        raise WeightsError(f"model.weights {source} {what} {key} ({len(missing)} missing, {len(unexpected)} "
+                           "unexpected): is it this model.backbone's state dict?")
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise WeightsError(f"model.weights {source}: {key} has shape {tuple(value.shape)}, the backbone's is "
+                               f"{tuple(expected[key].shape)}")
+    net.load_state_dict(state)
