@@ -134,6 +134,7 @@ def fit(
     amp: bool = False,
     compile: bool = False,
     on_batch: Callable[[int, int], None] | None = None,
+    on_epoch_start: Callable[[int], None] | None = None,
 ) -> FitResult:
     """Train the parameters in `param_groups` of `model` on `data` = (inputs, targets).
 
@@ -151,6 +152,8 @@ def fit(
         compile: the training forward pass through `torch.compile` (validation runs the model as it is).
         on_batch: called after every optimizer step with (batches done this epoch, batches per epoch), for progress
             displays; it must not wait on the device.
+        on_epoch_start: called with the epoch's number before it trains, e.g. to freeze or unfreeze parameters
+            (a parameter without requires_grad gets no gradient, and the optimizer leaves it as it is).
 
     Raises:
         NonFiniteLossError: the epoch's training loss was NaN or infinite.
@@ -179,6 +182,8 @@ def fit(
         if result.stopped_early:
             break
         started = time.perf_counter()
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
         train_mode(model)
         order = torch.randperm(count, generator=generator).to(inputs.device)
         total, seen = torch.zeros((), device=inputs.device), 0

@@ -36,7 +36,13 @@ def train_end_to_end(
     weights = inverse_frequency_weights(labels, data.num_classes) if config.class_weighted else None
     validate = classification_validator(splits.val_x, splits.val_y)
     loss = classification_loss(weights, config.augment, config.label_smoothing)
-    result = phase.fit(model, groups, loss, (images, labels), validate, config)
+    frozen_for = config.unfreeze_after_epochs
+
+    def unfreeze_after(epoch: int) -> None:  # per epoch, so a resumed run is frozen or not as the epoch says
+        model.encoder.requires_grad_(epoch > frozen_for)
+
+    result = phase.fit(model, groups, loss, (images, labels), validate, config,
+                       on_epoch_start=unfreeze_after if frozen_for else None)
     headline = {"finetune/best_val_acc": best_val_acc(result, validate, model)}
     return phase.finish(model, head.model, data.input_shape, headline)
 

@@ -84,6 +84,7 @@ class TrainingPhase:
         data: tuple[torch.Tensor, torch.Tensor],
         validate: Validate,
         config: TrainConfig,
+        on_epoch_start: Callable[[int], None] | None = None,
     ) -> FitResult:
         """The shared loop. After an epoch, once `checkpoint_every_s` has passed since the last epoch state (and
         after the last epoch), the phase saves the epoch state, then sends the metrics of the epochs since the
@@ -110,7 +111,7 @@ class TrainingPhase:
             result = fit(
                 model, param_groups, loss_fn, data, validate, config, self._report, self.generator,
                 save_state=save_state, resume=self.resume, amp=self.context.amp, compile=self.context.compile,
-                on_batch=self.progress.batch,
+                on_batch=self.progress.batch, on_epoch_start=on_epoch_start,
             )
             finished = True
             return result
