@@ -67,3 +67,22 @@ def best_val_acc(result: FitResult, validate: Validate, model: nn.Module) -> flo
     if not result.history:
         return validate(model)["acc/val"]
     return max(stats.val["acc/val"] for stats in result.history)
+
+
+def first_block_maps(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor | None:
+    """What the encoder's first convolution outputs for `images` (B, C, H, W): its (B, channels, h, w) feature
+    maps, after the activation when one follows; None for an encoder without convolutions (an MLP)."""
+    modules = list(encoder.modules())
+    first = next((index for index, module in enumerate(modules) if isinstance(module, nn.Conv2d)), None)
+    if first is None:
+        return None
+    after = next((m for m in modules[first + 1:first + 3] if isinstance(m, nn.ReLU | nn.GELU | nn.LeakyReLU)),
+                 modules[first])
+    captured: list[torch.Tensor] = []
+    handle = after.register_forward_hook(lambda module, inputs, output: captured.append(output.detach()))
+    try:
+        with evaluating(encoder), torch.inference_mode():
+            encoder(images)
+    finally:
+        handle.remove()
+    return captured[0].float().cpu()

@@ -10,7 +10,7 @@ from prefect import get_run_logger, task
 from sklearn import metrics as sk_metrics
 
 from configs.schema import EvalConfig
-from models.evaluation import classification_metrics, encode
+from models.evaluation import classification_metrics, encode, first_block_maps
 from tasks import plots, tracking
 from tasks.checkpoints import load_model
 from tasks.data import load_splits
@@ -46,6 +46,10 @@ def evaluate(config: EvalConfig, data: DataBundle, finetuned: Checkpoint, run: R
         child.log_figure(plots.f1_bars(per_class), "per_class_f1.png")
         matrix = sk_metrics.confusion_matrix(truth, predicted, labels=classes)
         child.log_figure(plots.confusion_matrix(matrix, data.class_names), "confusion_matrix.png")
+        maps = first_block_maps(model.encoder, splits.test_x[:4])
+        if maps is not None:
+            child.log_figure(plots.feature_maps(splits.test_x[:4], maps, "first convolutional block after "
+                                                "finetuning (test images)"), "feature_maps.png")
         features = encode(model.encoder, splits.test_x, config.batch_size)
         title = "test features after finetuning (PCA)"
         child.log_figure(plots.feature_projection(features, splits.test_y, data.class_names, title), "features_pca.png")

@@ -22,6 +22,27 @@ def reconstructions(inputs: torch.Tensor, outputs: torch.Tensor) -> Figure:
     return figure
 
 
+def feature_maps(images: torch.Tensor, maps: torch.Tensor, title: str, channels: int = 8) -> Figure:
+    """What the network sees: each image (left) and its first `channels` feature maps of the first convolutional
+    block, one row per image, each map scaled to its own range."""
+    from torchvision.utils import make_grid
+
+    maps = maps[:, :channels]
+    size = maps.shape[-2:]
+    shown = torch.nn.functional.interpolate(images.float().cpu().mean(1, keepdim=True), size=size, mode="bilinear")
+    tiles = torch.cat([shown, maps], dim=1).flatten(0, 1).unsqueeze(1)  # (B * (1 + channels), 1, h, w)
+    low = tiles.amin(dim=(1, 2, 3), keepdim=True)
+    high = tiles.amax(dim=(1, 2, 3), keepdim=True)
+    tiles = (tiles - low) / (high - low).clamp_min(1e-8)
+    grid = make_grid(tiles, nrow=1 + maps.shape[1], padding=1, pad_value=1.0)
+    figure = Figure(figsize=(1.1 * (1 + maps.shape[1]), 1.1 * len(maps) + 0.5))
+    axes = figure.add_axes((0, 0, 1, 0.88))
+    axes.imshow(grid[0].numpy(), cmap="gray", interpolation="nearest")
+    axes.set_axis_off()
+    figure.suptitle(title, fontsize=9)
+    return figure
+
+
 def confusion_matrix(matrix: np.ndarray, class_names: list[str]) -> Figure:
     from sklearn.metrics import ConfusionMatrixDisplay
 
