@@ -279,7 +279,7 @@ class PipelineConfig(StrictModel):
     )
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
-    pretrain: PretrainConfig = PretrainConfig()
+    pretrain: PretrainConfig = Field(PretrainConfig(), validate_default=True)  # checked against model
     head: HeadConfig = HeadConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     evaluate: EvalConfig = EvalConfig()

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from configs.errors import UserError
 from configs.schema import ModelConfig
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "leaky_relu": nn.LeakyReLU}
@@ -43,6 +44,10 @@ def build_model(config: ModelConfig, input_shape: tuple[int, int, int], num_clas
     return TwoStageModel(encoder, decoder, _mlp(features, [*config.head_widths, num_classes], config), features)
 
 
+class BackboneError(UserError):
+    """A torchvision model that cannot serve as a backbone here: the message names it and what to choose."""
+
+
 class Backbone(nn.Module):
     """A torchvision classification model without its classifier: images -> its pooled features. Grayscale images
     are repeated to the 3 channels it takes. Its weights are `net`'s (keys `net.<torchvision key>`)."""
@@ -53,6 +58,7 @@ class Backbone(nn.Module):
         super().__init__()
         from torchvision.models import get_model
 
+        self.name = name
         self.net = get_model(name, weights=None)
         self.classifier_name = next(n for n in self.CLASSIFIERS if isinstance(getattr(self.net, n, None), nn.Module))
         setattr(self.net, self.classifier_name, nn.Identity())
@@ -61,11 +67,20 @@ class Backbone(nn.Module):
         return self.net(images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images)
 
     def features(self, input_shape: tuple[int, int, int]) -> int:
+        """The feature size for images of `input_shape`: one forward pass of a blank image."""
         was_training = self.training
-        with torch.no_grad():
-            size = self.eval()(torch.zeros(1, *input_shape)).shape[1]
-        self.train(was_training)
-        return size
+        try:
+            with torch.no_grad():
+                output = self.eval()(torch.zeros(2, *input_shape))
+        except (RuntimeError, AssertionError, ValueError) as error:
+            raise BackboneError(f"model.backbone {self.name} does not take images of shape {input_shape} "
+                                f"({str(error).splitlines()[0][:160]}); choose another backbone or data.image_size") from None
+        finally:
+            self.train(was_training)
+        if not isinstance(output, torch.Tensor) or output.dim() != 2:
+            raise BackboneError(f"model.backbone {self.name} gives no feature vector per image without its "
+                                "classifier; choose e.g. resnet18, resnet34, mobilenet_v3_small or efficientnet_b0")
+        return output.shape[1]
 
 
 def _mlp(in_features: int, widths: list[int], config: ModelConfig) -> nn.Sequential:

@@ -44,7 +44,7 @@ def input_key(task_name: str, parameters: dict[str, Any]) -> str:
         if isinstance(value, Checkpoint):
             return value.sha256
         if isinstance(value, ModelConfig) and (weights := weights_identity(value)):  # a backbone's starting weights
-            return [value.model_dump(mode="json"), weights]
+            return [value.model_dump(mode="json", exclude={"weights"}), weights]  # by content, not path
         return value
 
     return fingerprint(task_name, CODE_FINGERPRINT, *(identity(value) for _, value in sorted(parameters.items())))

@@ -51,33 +51,47 @@ def load_starting_weights(encoder: Backbone, config: ModelConfig) -> str | None:
 
 
 def weights_identity(config: ModelConfig) -> str | None:
-    """What the phase keys hold of the starting weights: a file's sha256, the torchvision weights' name, the MLflow
-    URI as given (an alias that moves to another version is a new model only once its bytes differ: the
-    pretrain checkpoint's sha256 keys the later phases)."""
+    """What the phase keys hold of the starting weights: a file's sha256, the torchvision weights' name, or the
+    MLflow model version an alias points at now (`models:/NAME@champion` moved to another version is new weights)."""
     if config.kind != "backbone" or config.weights == "none":
         return None
-    if config.weights == "imagenet" or config.weights.startswith(MLFLOW_SCHEMES):
+    if config.weights == "imagenet":
         return config.weights
+    if config.weights.startswith(MLFLOW_SCHEMES):
+        from tasks.tracking import pinned_model_uri
+
+        return pinned_model_uri(config.weights)
     path = Path(config.weights)
     if not path.is_file():
-        raise WeightsError(f"model.weights {config.weights}: no such file; give a state-dict file (.pth, .pt, .safetensors), "
-                           "imagenet, none, or an MLflow model URI")
+        raise WeightsError(f"model.weights {config.weights}: no such file; give a state-dict file (.pth, .pt, "
+                           ".safetensors), imagenet, none, or an MLflow model URI")
     return sha256(path.read_bytes())
 
 
 def _torchvision_weights(backbone: str) -> tuple[dict, str]:
-    from torch.hub import get_dir
+    """torchvision's DEFAULT weights for the backbone, read with weights_only from the torch hub cache (downloaded
+    there first where there is a network), their sha256 checked against the prefix in the file's name."""
+    import hashlib
+
+    from torch.hub import HASH_REGEX, get_dir, load_state_dict_from_url
     from torchvision.models import get_model_weights
 
     weights = get_model_weights(backbone).DEFAULT
+    file_name = weights.url.rsplit("/", 1)[1]
     try:
-        return weights.get_state_dict(progress=False, check_hash=True), f"torchvision {weights}"
-    except (OSError, RuntimeError) as error:  # URLError is an OSError; a bad checksum a RuntimeError
+        state = load_state_dict_from_url(weights.url, progress=False, check_hash=True, map_location="cpu",
+                                         weights_only=True)
+        cached = Path(get_dir()) / "checkpoints" / file_name
+        prefix = HASH_REGEX.search(file_name)
+        if prefix and not hashlib.sha256(cached.read_bytes()).hexdigest().startswith(prefix.group(1)):
+            raise RuntimeError(f"{cached} does not have the sha256 its name promises ({prefix.group(1)}...)")
+    except Exception as error:  # noqa: BLE001 - no network, a truncated or tampered file: one line either way
         raise WeightsError(
             f"model.weights imagenet: torchvision's {weights} could not be read ({type(error).__name__}: "
-            f"{str(error).splitlines()[0][:160]}); without a network, copy {weights.url.rsplit('/', 1)[1]} into "
+            f"{str(error).splitlines()[0][:160] if str(error) else ''}); without a network, copy {file_name} into "
             f"{get_dir()}/checkpoints, or give a state-dict file"
         ) from None
+    return state, f"torchvision {weights}"
 
 
 def _file_weights(path: Path) -> dict:
@@ -101,7 +115,8 @@ def _file_weights(path: Path) -> dict:
 
 def _load_exactly(net: torch.nn.Module, state: dict, source: str) -> None:
     expected = net.state_dict()
-    missing = [key for key in expected if key not in state]
+    # BatchNorm's loader fills in num_batches_tracked for state dicts saved before it existed (torchvision's own)
+    missing = [key for key in expected if key not in state and not key.endswith("num_batches_tracked")]
     unexpected = [key for key in state if key not in expected]
     if missing or unexpected:
         key, what = (missing[0], "lacks") if missing else (unexpected[0], "has a key the backbone has not:")
@@ -111,4 +126,4 @@ def _load_exactly(net: torch.nn.Module, state: dict, source: str) -> None:
         if value.shape != expected[key].shape:
             raise WeightsError(f"model.weights {source}: {key} has shape {tuple(value.shape)}, the backbone's is "
                                f"{tuple(expected[key].shape)}")
-    net.load_state_dict(state)
+    net.load_state_dict(state, strict=False)  # every key but num_batches_tracked checked above

@@ -4,6 +4,7 @@ model in our own registry, frozen with its BatchNorm statistics while the head t
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,10 +64,29 @@ def test_weights_of_another_architecture_are_one_line_naming_the_file_and_the_ke
         load_starting_weights(model.encoder, ModelConfig(**BACKBONE, weights=str(tmp_path / "nothing.pth")))
 
 
-def test_a_backbone_takes_grayscale_and_rgb_images_alike():
+def test_a_backbone_takes_grayscale_images_as_three_equal_channels():
     model = build_model(ModelConfig(**BACKBONE), (1, 8, 8), 10).eval()
     gray = torch.rand(2, 1, 8, 8)
-    assert torch.allclose(model(gray), model(gray.expand(-1, 3, -1, -1)))  # grayscale is repeated to 3 channels
+    with torch.no_grad():
+        assert torch.allclose(model.encoder(gray), model.encoder.net(gray.repeat(1, 3, 1, 1)))
+        assert model.encoder.net.conv1.in_channels == 3
+
+
+def test_the_phase_key_follows_the_weights_content_not_the_files_path(tmp_path):
+    from tasks.keys import input_key
+
+    first, second = saved_state(tmp_path, seed=1), saved_state(tmp_path, seed=2)
+    copy = tmp_path / "elsewhere.pth"
+    copy.write_bytes(Path(first).read_bytes())
+    key = lambda path: input_key("pretrain", {"model_config": ModelConfig(**BACKBONE, weights=str(path))})  # noqa: E731
+    assert key(first) == key(copy) != key(second)
+
+
+def test_a_torchvision_model_without_a_feature_vector_is_one_line_naming_it():
+    from models.networks import BackboneError
+
+    with pytest.raises(BackboneError, match=r"^model.backbone vit_b_16 does not take images of shape \(1, 8, 8\)"):
+        build_model(ModelConfig(**{**BACKBONE, "backbone": "vit_b_16"}), (1, 8, 8), 10)
 
 
 @pytest.mark.parametrize(("model", "pretrain", "fragment"), [

@@ -18,6 +18,7 @@ from tasks.tracking.history import (
     logged_encoder_state,
     metric_history,
     phase_run_id,
+    pinned_model_uri,
     pipeline_runs,
 )
 from tasks.tracking.runs import (
@@ -49,6 +50,6 @@ class PhaseTracker(Protocol):
 
 __all__ = [
     "EpochMetrics", "ModelNotFoundError", "PhaseRun", "PhaseTracker", "PipelineRunRecord", "champion_pipeline_run",
-    "load_classifier", "logged_encoder_state", "log_pipeline_curves", "metric_history", "phase_run", "phase_run_id", "pipeline_run",
+    "load_classifier", "logged_encoder_state", "pinned_model_uri", "log_pipeline_curves", "metric_history", "phase_run", "phase_run_id", "pipeline_run",
     "pipeline_runs", "record_reuse", "run_name", "run_url", "tracking_uri", "TrackingStoreError", "open_store", "unlinked_run",
 ]

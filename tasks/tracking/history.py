@@ -87,6 +87,21 @@ def load_classifier(model_uri: str):
     return model, (model.metadata.metadata or {}).get("twostage", {})
 
 
+def pinned_model_uri(model_uri: str) -> str:
+    """`models:/NAME@ALIAS` as the version it points at now, `models:/NAME/VERSION`; other URIs as they are.
+
+    Raises:
+        ModelNotFoundError: no such model or alias (one line, naming it).
+    """
+    name, _, alias = model_uri.removeprefix("models:/").partition("@")
+    if not model_uri.startswith("models:/") or not alias:
+        return model_uri
+    try:
+        return f"models:/{name}/{client(tracking_uri()).get_model_version_by_alias(name, alias).version}"
+    except MlflowException as error:
+        raise ModelNotFoundError(f"no model at {model_uri} in {tracking_uri()} ({str(error).splitlines()[0]})") from None
+
+
 def logged_encoder_state(model_uri: str) -> dict:
     """The encoder weights of the twostage model at `model_uri` (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/...),
     read from its pipeline run's finetune checkpoint, a plain state dict (weights_only: nothing is unpickled),
@@ -98,28 +113,25 @@ def logged_encoder_state(model_uri: str) -> dict:
     import torch
 
     store = client(tracking_uri())
+    not_ours = ModelNotFoundError(f"{model_uri} in {tracking_uri()} was not made by a twostage pipeline run with a "
+                                  "finetune checkpoint: give its registered twostage model, or a state-dict file")
     try:
         if model_uri.startswith("models:/"):
-            name, _, which = model_uri.removeprefix("models:/").partition("@")
-            if which:
-                version = store.get_model_version_by_alias(name, which)
-            else:
-                name, _, number = name.partition("/")
-                version = store.get_model_version(name, number)
-            pipeline_run_id = version.tags.get("twostage.pipeline_run_id")
+            name, _, number = pinned_model_uri(model_uri).removeprefix("models:/").partition("/")
+            pipeline_run_id = store.get_model_version(name, number).tags.get("twostage.pipeline_run_id")
         else:
             run = store.get_run(model_uri.removeprefix("runs:/").split("/", 1)[0])
             pipeline_run_id = run.data.tags.get("mlflow.parentRunId")
-        pipeline = store.get_run(pipeline_run_id) if pipeline_run_id else None
-    except MlflowException as error:
+        if not pipeline_run_id:
+            raise not_ours
+        pipeline = store.get_run(pipeline_run_id)
+        record = PipelineRunRecord(pipeline.info.run_id, pipeline.info.run_name, pipeline.info.start_time,
+                                   pipeline.data.params, pipeline.data.metrics, pipeline.data.tags)
+        finetune = phase_run_id(record, "finetune")
+        files = [item.path for item in store.list_artifacts(finetune, "checkpoint")] if finetune else []
+        if not files:
+            raise not_ours
+        state = torch.load(store.download_artifacts(finetune, files[0]), map_location="cpu", weights_only=True)
+    except (MlflowException, OSError) as error:
         raise ModelNotFoundError(f"no model at {model_uri} in {tracking_uri()} ({str(error).splitlines()[0]})") from None
-    record = pipeline and PipelineRunRecord(pipeline.info.run_id, pipeline.info.run_name, pipeline.info.start_time,
-                                            pipeline.data.params, pipeline.data.metrics, pipeline.data.tags)
-    finetune = phase_run_id(record, "finetune") if record else None
-    files = [item.path for item in store.list_artifacts(finetune, "checkpoint")] if finetune else []
-    if not files:
-        raise ModelNotFoundError(f"{model_uri} in {tracking_uri()} was not made by a twostage pipeline run with a "
-                                 "finetune checkpoint: give its registered twostage model, or a state-dict file")
-    local = store.download_artifacts(finetune, files[0])
-    state = torch.load(local, map_location="cpu", weights_only=True)
     return {key.removeprefix("encoder."): value for key, value in state.items() if key.startswith("encoder.")}
