@@ -263,7 +263,9 @@ def test_a_worker_killed_mid_finetune_crashes_its_run_which_the_other_worker_res
     finetunes = [run for run in runs if run.data.tags.get("twostage.phase") == "finetune"]
     assert len(finetunes) == 1 and finetunes[0].info.run_id == child.info.run_id  # one child, reopened
     resumed_from = int(finetunes[0].data.tags["twostage.resumed_from_epoch"])
-    assert 1 <= resumed_from <= killed_at and steps(tracking, child.info.run_id) == list(range(1, 401))
+    # The kill may land after an epoch's state is saved and before its metrics are sent: then the run resumes one
+    # epoch past what MLflow showed, and sends that epoch from the saved history (seen once in five runs here).
+    assert 1 <= resumed_from <= killed_at + 1 and steps(tracking, child.info.run_id) == list(range(1, 401))
     print(f"resumed after epoch {resumed_from}: {killed_at - resumed_from} epoch(s) trained again; "
           "pretrain and head reused")
 
