@@ -116,18 +116,11 @@ def run_pipeline(config_path: str, overrides: list[str], rerun: str | None = Non
 
     resolve_device(config.device)  # fail before any run is opened if the device is missing
 
-    from prefect.settings import get_current_settings
-
     from flows.interrupts import start_ephemeral_server_shielded, stop_on_signals
     from flows.two_stage import run_here  # imports Prefect, MLflow and torch: only once the config is valid
-    from tasks.progress import log_every_s, quiet_console
-    from tasks.tracking import open_store, run_url, tracking_uri
+    from tasks.tracking import run_url, tracking_uri
 
-    prefect_api_url = get_current_settings().api.url
-    open_store(tracking_uri())  # a bad URI, an MLflow server that is down, a broken store: say so now, in one line
-    log_every_s()  # a bad TWOSTAGE_PROGRESS_EVERY_S: one line now, not a failed phase
-    _hide_tracebacks_of_expected_errors(tracking_uri(), prefect_api_url)
-    quiet_console(live=True)
+    prefect_api_url = _checked_servers_and_console()
     with stop_on_signals() as stopped:
         try:
             start_ephemeral_server_shielded()
@@ -167,18 +160,26 @@ def sweep_pipeline(args: argparse.Namespace) -> int:
     from configs.sweeps import build_sweep
 
     sweep = build_sweep(args.config, args.overrides, args.grid, args.file)
+    from flows.sweep import run_sweep
+
+    prefect_api_url = _checked_servers_and_console()
+    return run_sweep(sweep, prefect_api_url, args.deployment, args.max_parallel, args.metric, args.out)
+
+
+def _checked_servers_and_console() -> str | None:
+    """Before a run or a sweep: a bad MLflow store or TWOSTAGE_PROGRESS_EVERY_S is one line now, not a failed phase;
+    the console shows our lines (a live line per phase on a terminal). Returns PREFECT_API_URL (None: ephemeral)."""
     from prefect.settings import get_current_settings
 
-    from flows.sweep import run_sweep
     from tasks.progress import log_every_s, quiet_console
     from tasks.tracking import open_store, tracking_uri
 
     prefect_api_url = get_current_settings().api.url
-    open_store(tracking_uri())
+    open_store(tracking_uri())  # a bad URI, an MLflow server that is down, a broken store: say so now, in one line
     log_every_s()
     _hide_tracebacks_of_expected_errors(tracking_uri(), prefect_api_url)
     quiet_console(live=True)
-    return run_sweep(sweep, prefect_api_url, args.deployment, args.max_parallel, args.metric, args.out)
+    return prefect_api_url
 
 
 def default_model_uri(config_path: str) -> str:

@@ -61,11 +61,7 @@ def weights_identity(config: ModelConfig) -> str | None:
         from tasks.tracking import pinned_model_uri
 
         return pinned_model_uri(config.weights)
-    path = Path(config.weights)
-    if not path.is_file():
-        raise WeightsError(f"model.weights {config.weights}: no such file; give a state-dict file (.pth, .pt, "
-                           ".safetensors), imagenet, none, or an MLflow model URI")
-    return sha256(path.read_bytes())
+    return sha256(_existing(Path(config.weights)).read_bytes())
 
 
 def _torchvision_weights(backbone: str) -> tuple[dict, str]:
@@ -94,10 +90,15 @@ def _torchvision_weights(backbone: str) -> tuple[dict, str]:
     return state, f"torchvision {weights}"
 
 
-def _file_weights(path: Path) -> dict:
+def _existing(path: Path) -> Path:
     if not path.is_file():
-        raise WeightsError(f"model.weights {path}: no such file; give a state-dict file (.pth, .pt, .safetensors), imagenet, none, "
-                           "or an MLflow model URI")
+        raise WeightsError(f"model.weights {path}: no such file; give a state-dict file (.pth, .pt, .safetensors), "
+                           "imagenet, none, or an MLflow model URI")
+    return path
+
+
+def _file_weights(path: Path) -> dict:
+    _existing(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
