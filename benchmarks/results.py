@@ -15,10 +15,13 @@ MLFLOW_TRACKING_URI says otherwise), one experiment per row, to browse or `twost
               at the finetune lr), and logistic regression on pixels. The supervised phases get
               study_budget(): about as many optimizer steps as with all labels, the same for every method.
 
-`--parts main` or `--parts study` measures one part and keeps the other's rows from results.json.
+  transfer    seconds per finetuning epoch of torchvision backbones against the `cnn` encoder at image sizes 32
+              and 64 (transfer.py, on --transfer-images Fashion-MNIST images).
 
-Usage: python benchmarks/results.py [--parts main study] [--seeds 0 1 2] [--fractions 0.01 0.1 1.0]
-                                    [--set KEY=VALUE ...] [--out DIR]
+`--parts main`, `study` or `transfer` measures those parts and keeps the others' rows from results.json.
+
+Usage: python benchmarks/results.py [--parts main study transfer] [--seeds 0 1 2] [--fractions 0.01 0.1 1.0]
+                                    [--transfer-images 2048] [--transfer-rounds 3] [--set KEY=VALUE ...] [--out DIR]
 """
 
 from __future__ import annotations
@@ -112,12 +115,15 @@ def spread(values: list[float]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", choices=["main", "study"], default=["main", "study"],
-                        help="measure these; the other part's rows come from the last results.json")
+    parser.add_argument("--parts", nargs="+", choices=["main", "study", "transfer"],
+                        default=["main", "study", "transfer"],
+                        help="measure these; the other parts' rows come from the last results.json")
     parser.add_argument("--rows", nargs="+", choices=[key for key, *_ in MAIN_ROWS], metavar="ROW",
                         help="with main: measure only these rows (tutorial, supervised, reference, tuned, cnn)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+    parser.add_argument("--transfer-images", type=int, default=2048)
+    parser.add_argument("--transfer-rounds", type=int, default=3)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="applied to every pipeline row, e.g. data.mirror=DIR")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
@@ -168,6 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     if "study" in args.parts:
         rows, ran = study(args.fractions, args.seeds, args.overrides, base)
         results["study"] = {"made": {**made, "sweep": ran}, "rows": rows}
+
+    if "transfer" in args.parts:
+        from transfer import measure
+
+        print("transfer: seconds per finetuning epoch", flush=True)
+        results["transfer"] = {"made": made, **measure(args.transfer_images, args.transfer_rounds,
+                                                       ["resnet18", "mobilenet_v3_small"],
+                                                       say=lambda line: print(f"  {line}", flush=True))}
 
     args.out.mkdir(parents=True, exist_ok=True)
     results_file.write_text(json.dumps(results, indent=1) + "\n")
@@ -342,6 +356,23 @@ def report(results: dict) -> str:
             "Commands (add `--set seed=N`):",
             "",
             *(f"- {method}, {fraction:.0%} of labels: `{row.command}`" for (method, fraction), row in cells.items()),
+            "",
+        ]
+    if "transfer" in results:
+        transfer = results["transfer"]
+        lines += [
+            "## Transfer learning: a finetuning epoch on CPU",
+            "",
+            f"Made by `{transfer['made']['command']}` on {transfer['made']['date']}: {transfer['machine']}. Seconds "
+            f"per finetuning epoch (`benchmarks/transfer.py`: finetune's parameter groups, a linear head, batch 64) "
+            f"on {transfer['images']} resized to each size, median of {transfer['rounds']} epochs after a warm-up "
+            "one; grayscale goes into the backbones as 3 repeated channels, as in the pipeline. Ratio: to the `cnn` "
+            "encoder (configs/fashion_mnist_cnn.yaml) at the same size.",
+            "",
+            "| image size | encoder | parameters | s/epoch | s per 1,000 images | × cnn |",
+            "|---|---|---:|---:|---:|---:|",
+            *(f"| {row['size']}×{row['size']} | {row['encoder']} | {row['params_m']:.2f} M | {row['seconds']:.2f} | "
+              f"{row['per_1000']:.3f} | {row['ratio']:.1f} |" for row in transfer["rows"]),
             "",
         ]
     return "\n".join(lines)

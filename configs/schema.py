@@ -176,8 +176,13 @@ class DataConfig(StrictModel):
     image_folder: Path | None = Field(
         None, validate_default=True, description="image_folder: a directory with one folder per class."
     )
-    image_size: PositiveInt = Field(32, description="image_folder: images are resized to this square size.")
-    channels: Literal[1, 3] = Field(3, description="image_folder: 1 = grayscale, 3 = RGB.")
+    image_size: PositiveInt | None = Field(
+        None, description="Images are resized to this square size (bilinear, antialiased); none: the data set's own "
+        "size (image_folder: 32).",
+    )
+    channels: Literal[1, 3] | None = Field(
+        None, description="1 = grayscale, 3 = RGB (grayscale repeated); none: the data set's own (image_folder: 3).",
+    )
     mean: list[float] | None = Field(None, description="Per-channel mean; none: measured on the training split.")
     std: list[PositiveFloat] | None = Field(
         None, validate_default=True, description="Per-channel std; none: measured on the training split."

@@ -17,6 +17,7 @@ from tasks.keys import input_key
 from tasks.results import Checkpoint, RunContext
 from tasks.storage import stored_checkpoint
 from tasks.tracking import open_store, tracking_uri, unlinked_run
+from tasks.weights import data_for_weights
 
 
 def plan(config: PipelineConfig, rerun: Phase | None = None) -> str:
@@ -28,11 +29,11 @@ def plan(config: PipelineConfig, rerun: Phase | None = None) -> str:
     context = RunContext(name=config.name, tracking_uri=tracking_uri(), experiment_id="", parent_run_id="",
                          flow_run_id="", seed=config.seed, device=device, amp=amp.enabled, compile=config.compile,
                          storage=storage, checkpoint_every_s=config.checkpoint_every_s)
-    data = prepare(config.data)
+    data = prepare(data_for_weights(config.data, config.model))
     labeled = label_subset(data, config.data.label_fraction)
     lines = [f"{config.name}: a dry run on {device} ({amp.message}), storage {storage}, MLflow {tracking_uri()}",
              f"  data      run    always: it notices fresh data ({data.dataset}: {data.source}, train "
-             f"{data.sizes['train']}, labeled {labeled.count})"]
+             f"{data.sizes['train']}, labeled {labeled.count}, images {'x'.join(map(str, data.input_shape))})"]
     inputs = {
         "pretrain": lambda: {"config": config.pretrain, "model_config": config.model, "data": data},
         "head": lambda: {"config": config.head, "data": data, "labeled": labeled, "pretrained": upstream},

@@ -22,6 +22,7 @@ from tasks.head import train_head
 from tasks.pretrain import pretrain
 from tasks.results import EvalReport, SweepRef
 from tasks.tracking import run_name
+from tasks.weights import data_for_weights
 
 
 def named_like_its_mlflow_run() -> str:
@@ -37,7 +38,7 @@ def named_like_its_mlflow_run() -> str:
 def two_stage(config: PipelineConfig, rerun: Phase | None = None, sweep: SweepRef | None = None) -> EvalReport:
     """Two-stage backpropagation: pretrain an encoder without labels, train a head on it frozen, finetune both."""
     with pipeline(config, rerun, sweep) as step:
-        data, labeled = step(prepare_data, config.data)
+        data, labeled = step(prepare_data, data_for_weights(config.data, config.model))
         pretrained = step(pretrain, config.pretrain, config.model, data)
         head = step(train_head, config.head, data, labeled, pretrained)
         finetuned = step(finetune, config.finetune, data, labeled, head)

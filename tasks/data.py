@@ -12,11 +12,12 @@ import functools
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from prefect import get_run_logger, task
+from torch.nn import functional as F
 
 from configs.errors import UserError
 from configs.schema import DataConfig, fingerprint
@@ -68,9 +69,15 @@ def prepare_data(config: DataConfig, run: RunContext) -> tuple[DataBundle, Label
         child.log_datasets(shapes, name=config.dataset, digest=labeled.fingerprint, source=str(bundle.path))
         child.log_metrics({"time/data_s": bundle.seconds}, on_parent=True)
         get_run_logger().info(
-            "data: %s from %s, %s", config.dataset, bundle.source, ", ".join(f"{k} {v}" for k, v in sizes.items())
+            "data: %s from %s, %s; images %s, normalised with mean %s std %s", config.dataset, bundle.source,
+            ", ".join(f"{k} {v}" for k, v in sizes.items()), "x".join(map(str, bundle.input_shape)),
+            _rounded(bundle.mean), _rounded(bundle.std),
         )
         return bundle, labeled
+
+
+def _rounded(values: list[float]) -> str:
+    return "[" + ", ".join(f"{value:.3f}" for value in values) + "]"
 
 
 def prepare(config: DataConfig, rebuild: bool = False, logger: logging.Logger | None = None) -> DataBundle:
@@ -87,9 +94,31 @@ def prepare(config: DataConfig, rebuild: bool = False, logger: logging.Logger | 
                 str(error).strip().splitlines()[0][:200] if str(error).strip() else "",
             )
     raw = load_raw(config)
-    saved = _split(raw, config)
+    saved = _split(conform(raw, config), config)
     write_atomically(str(path), torch_bytes(saved))
     return _bundle(path, saved, source=raw.source)
+
+
+def conform(raw: RawData, config: DataConfig) -> RawData:
+    """The raw images at `data.image_size` (bilinear, antialiased) with `data.channels` (grayscale repeated to RGB,
+    RGB to Pillow's luma), where those are set and differ from the data set's own."""
+    def conformed(images: torch.Tensor | None) -> torch.Tensor | None:
+        if images is None:
+            return None
+        if config.channels == 3 and images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1).contiguous()
+        elif config.channels == 1 and images.shape[1] == 3:
+            luma = torch.tensor([299, 587, 114], dtype=torch.int32).view(1, 3, 1, 1)  # Pillow's convert("L")
+            images = ((images.int() * luma).sum(1, keepdim=True) + 500).div(1000, rounding_mode="floor").byte()
+        if config.image_size and images.shape[2:] != (config.image_size, config.image_size):
+            size = (config.image_size, config.image_size)
+            images = torch.cat([  # in chunks: a float copy of a whole data set at 64x64 would take gigabytes
+                F.interpolate(chunk.float(), size=size, mode="bilinear", antialias=True).round_().clamp_(0, 255).byte()
+                for chunk in images.split(4096)
+            ])
+        return images
+
+    return replace(raw, train_images=conformed(raw.train_images), test_images=conformed(raw.test_images))
 
 
 def label_subset(bundle: DataBundle, fraction: float) -> LabeledSubset:

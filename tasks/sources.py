@@ -158,10 +158,10 @@ def load_image_folder(config: DataConfig) -> RawData:
             f"data.image_folder {folder} holds images of {len(class_names)} class folder(s); "
             "fix: put each class's images in a subfolder named for the class (at least two)"
         )
-    images, unreadable = [], []
+    images, unreadable, size = [], [], config.image_size or 32
     for path, _ in files:
         try:
-            images.append(read_image(path, config.channels, config.image_size, config.image_size))
+            images.append(read_image(path, config.channels or 3, size, size))
         except DataNotFoundError as error:
             unreadable.append(str(error).split("; fix:")[0])
     if unreadable:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from configs.errors import UserError
-from configs.schema import ModelConfig
+from configs.schema import DataConfig, ModelConfig
 from models.networks import Backbone
 from tasks.checkpoints import sha256
 
@@ -48,6 +48,19 @@ def load_starting_weights(encoder: Backbone, config: ModelConfig) -> str | None:
     state = {key: value for key, value in state.items() if not key.startswith(classifier)}
     _load_exactly(encoder.net, state, source)
     return source
+
+
+def data_for_weights(data: DataConfig, model: ModelConfig) -> DataConfig:
+    """The data settings the starting weights expect. torchvision's (`imagenet`) take RGB images normalised with the
+    mean and std their own transforms use, so images become 3-channel (grayscale repeated) and are normalised with
+    those, unless data.mean and data.std are set. The prepared data's statistics go into the logged model's
+    metadata, so `twostage predict` does the same. Other weights (a file, an MLflow model) take the data's own."""
+    if model.kind != "backbone" or model.weights != "imagenet" or data.mean is not None:
+        return data
+    from torchvision.models import get_model_weights
+
+    transform = get_model_weights(model.backbone).DEFAULT.transforms()
+    return data.model_copy(update={"channels": 3, "mean": list(transform.mean), "std": list(transform.std)})
 
 
 def weights_identity(config: ModelConfig) -> str | None:

@@ -68,7 +68,8 @@ def test_results_benchmark_writes_the_tables_and_the_low_label_plot(tmp_path):
     quick = [f"{phase}.epochs=1" for phase in ("pretrain", "head", "finetune")]
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "results.py"), "--seeds", "0", "--fractions", "0.1", "1.0",
-         "--out", str(tmp_path / "out"), *(f"--set={item}" for item in [*quick, f"data.mirror={tmp_path / 'idx'}"])],
+         "--out", str(tmp_path / "out"), "--transfer-images", "64", "--transfer-rounds", "1",
+         *(f"--set={item}" for item in [*quick, f"data.mirror={tmp_path / 'idx'}"])],
         capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -86,8 +87,13 @@ def test_results_benchmark_writes_the_tables_and_the_low_label_plot(tmp_path):
     assert re.search(r"The study ran as one `twostage sweep` \(sweep \w+, 14 points\) in \d+ min on 1 process, one "
                      "point after another", text)  # 7 methods at 2 shares, 1 seed
     assert (tmp_path / "out" / "low_label.png").stat().st_size > 10_000
+    for size in (32, 64):
+        for encoder in ("cnn", "resnet18", "mobilenet_v3_small"):
+            assert re.search(rf"^\| {size}×{size} \| {encoder} \| \d+\.\d\d M \| \d+\.\d\d \| \d+\.\d{{3}} \| \d+\.\d \|$",
+                             text, re.M), (size, encoder)
+    assert "| 32×32 | resnet18 | 11.18 M |" in text and "on 64 images of" in text
     saved = json.loads((tmp_path / "out" / "results.json").read_text())  # what `--parts` keeps between runs
-    assert set(saved) == {"main", "study"} and saved["main"]["made"]["sizes"]["train"] == 180
+    assert set(saved) == {"main", "study", "transfer"} and saved["main"]["made"]["sizes"]["train"] == 180
 
 
 def test_low_label_study_trains_about_as_many_steps_at_every_share_of_the_labels():

@@ -35,6 +35,28 @@ def test_training_split_is_normalised_to_zero_mean_unit_std(tmp_path):
     assert splits.train_x.std().item() == pytest.approx(1.0, abs=1e-2)
 
 
+def test_a_built_in_data_set_is_resized_to_image_size_and_repeated_to_three_channels(tmp_path):
+    own = load_splits(prepare(DataConfig(dataset="digits", root=tmp_path)), "cpu")
+    bundle = prepare(DataConfig(dataset="digits", root=tmp_path, image_size=16, channels=3))
+    assert bundle.input_shape == (3, 16, 16)
+    splits = load_splits(bundle, "cpu")
+    assert torch.equal(splits.train_x[:, 0], splits.train_x[:, 2])  # grayscale repeated: one image in each channel
+    assert torch.equal(splits.train_y, own.train_y)  # the same splits, only the pixels' shape differs
+    resized = torch.nn.functional.interpolate(own.train_x[:4], size=(16, 16), mode="bilinear")
+    assert torch.corrcoef(torch.stack([resized.flatten(), splits.train_x[:4, :1].flatten()]))[0, 1] > 0.95
+
+
+def test_rgb_images_become_grayscale_as_pillow_converts_them():
+    from tasks.data import conform
+    from tasks.sources import RawData
+
+    rgb = torch.randint(0, 256, (5, 3, 6, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    raw = RawData(rgb, torch.zeros(5, dtype=torch.int64), None, None, ["a"], "test")
+    gray = conform(raw, DataConfig(dataset="cifar10", channels=1)).train_images
+    pillow = [np.asarray(Image.fromarray(image.permute(1, 2, 0).numpy()).convert("L")) for image in rgb]
+    assert gray.shape == (5, 1, 6, 6) and np.array_equal(gray[:, 0].numpy(), np.stack(pillow))
+
+
 def test_label_fraction_keeps_a_stratified_subset_and_pretraining_keeps_every_image(tmp_path):
     bundle = prepare(DataConfig(dataset="digits", root=tmp_path, label_fraction=0.1))
     labeled = label_subset(bundle, 0.1)

@@ -55,6 +55,22 @@ def test_a_safetensors_file_loads_too(tmp_path):
                        ["conv1.weight"])
 
 
+def test_imagenet_weights_get_their_own_normalisation_on_three_channels(tmp_path):
+    from configs.schema import DataConfig
+    from tasks.data import prepare
+    from tasks.weights import data_for_weights
+
+    imagenet = ModelConfig(**BACKBONE, weights="imagenet")
+    data = data_for_weights(DataConfig(dataset="digits", root=tmp_path), imagenet)
+    bundle = prepare(data)  # the bundle's statistics are what evaluate logs with the model, and predict applies
+    assert bundle.input_shape == (3, 8, 8)  # grayscale repeated, so each channel gets ImageNet's statistics
+    assert bundle.mean == pytest.approx([0.485, 0.456, 0.406]) and bundle.std == pytest.approx([0.229, 0.224, 0.225])
+    own = DataConfig(dataset="digits", root=tmp_path, mean=[0.5], std=[0.25])
+    assert data_for_weights(own, imagenet) == own  # statistics the user set are kept
+    for weights in ("none", saved_state(tmp_path)):  # a file's or random weights take the data's own statistics
+        assert data_for_weights(DataConfig(dataset="digits"), ModelConfig(**BACKBONE, weights=weights)).mean is None
+
+
 def test_weights_of_another_architecture_are_one_line_naming_the_file_and_the_key(tmp_path):
     path = saved_state(tmp_path, "mobilenet_v3_small")
     model = build_model(ModelConfig(**BACKBONE), (3, 8, 8), 10)
