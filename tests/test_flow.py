@@ -138,6 +138,13 @@ def test_evaluate_logs_test_metrics_on_child_and_parent_with_plots(quickstart_ru
     assert set(quickstart_run["report"].per_class) == {str(d) for d in range(10)}
 
 
+def test_the_logged_model_belongs_to_the_pipelines_experiment_and_evaluate_run(quickstart_run):
+    client, parent = quickstart_run["client"], quickstart_run["parent"]
+    models = client.search_logged_models([parent.info.experiment_id])
+    assert [model.source_run_id for model in models] == [quickstart_run["children"]["evaluate"].info.run_id]
+    assert not client.search_logged_models(["0"])  # not in the default experiment
+
+
 def test_the_logged_model_predicts_through_pyfunc(quickstart_run):
     import numpy as np
     import torch

@@ -218,6 +218,10 @@ class PhaseRun:
         "Successfully registered model" between our log lines). Returns the logged model's URI and the version.
         """
         torch_version = torch.__version__.split("+")[0]  # without the local "+cu130": pip can resolve it
+        # The logged model is made here, in this run's experiment: mlflow.pytorch.log_model given a run_id but no
+        # active run makes it in the default experiment ("0": our models were listed there, not in their own
+        # experiment), where the pipeline's account on an authenticated server may not write (403).
+        logged = self.client.create_logged_model(self.context.experiment_id, name="model", source_run_id=self.run_id)
         info = mlflow.pytorch.log_model(
             model,
             name="model",
@@ -225,6 +229,7 @@ class PhaseRun:
             pip_requirements=[f"torch=={torch_version}"],  # inferring them costs ~10 s in a subprocess
             metadata=metadata,
             run_id=self.run_id,
+            model_id=logged.model_id,
         )
         try:
             self.client.create_registered_model(registered_name)
