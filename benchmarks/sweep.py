@@ -17,6 +17,7 @@ Usage: python benchmarks/sweep.py [--points 8] [--set KEY=VALUE ...] [--env STAC
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -30,7 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
-CLIENT_VARIABLES = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "TWOSTAGE_STORAGE")
+CLIENT_VARIABLES = ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
+                    "MLFLOW_TRACKING_PASSWORD", "TWOSTAGE_STORAGE")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,9 +112,8 @@ def pool_limit(env: dict[str, str], set_to: tuple[int | None] = ()) -> int | Non
     """The sweep deployment's work pool's concurrency limit (None: no limit); first set to `set_to[0]` if given."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolUpdate
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+    with client_of(env), get_client(sync_client=True) as client:
         pool = client.read_deployment_by_name("two-stage/sweep").work_pool_name
         if set_to:
             client.update_work_pool(pool, WorkPoolUpdate(concurrency_limit=set_to[0]))
@@ -125,17 +126,37 @@ def point_times(env: dict[str, str], sweep_id: str) -> tuple[list[float], list[f
     from mlflow.tracking import MlflowClient
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+    with client_of(env), get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"sweep:{sweep_id}"])))
-    waits = [(run.start_time - run.expected_start_time).total_seconds() for run in runs]
-    flows = [(run.end_time - run.start_time).total_seconds() for run in runs]
-    tracking = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    parents = tracking.search_runs([tracking.get_experiment_by_name("quickstart").experiment_id],
-                                   f"tags.`twostage.sweep_id` = '{sweep_id}' and tags.`twostage.config_hash` LIKE '%'")
+        waits = [(run.start_time - run.expected_start_time).total_seconds() for run in runs]
+        flows = [(run.end_time - run.start_time).total_seconds() for run in runs]
+        tracking = MlflowClient(env["MLFLOW_TRACKING_URI"])
+        parents = tracking.search_runs([tracking.get_experiment_by_name("quickstart").experiment_id],
+                                       f"tags.`twostage.sweep_id` = '{sweep_id}' and "
+                                       "tags.`twostage.config_hash` LIKE '%'")
     pipelines = [run.data.metrics["time/total_s"] for run in parents]
     return waits, flows, pipelines
+
+
+@contextlib.contextmanager
+def client_of(env: dict[str, str]):
+    """This process as the stack's client: its Prefect server and MLflow account (MLflow reads it from os.environ)."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    account = {key: env[key] for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD") if key in env}
+    before = {key: os.environ.get(key) for key in account}
+    os.environ.update(account)
+    try:
+        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"],
+                                 PREFECT_API_AUTH_STRING: env.get("PREFECT_API_AUTH_STRING")}):
+            yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def report(points: int, local_wall: float, local_flow: float, sweeps: dict) -> None:

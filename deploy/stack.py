@@ -2,24 +2,32 @@
 
 Every server binds to 127.0.0.1 on a port picked free at `up`, and is started in this order, each waited for:
 
-    postgres        PostgreSQL 15 (run as user `postgres` when we are root), databases `prefect` and `mlflow`
-    s3              SeaweedFS `weed mini`: an S3 endpoint (bucket `twostage`) with a key/secret made at `up`
-    prefect-server  Prefect's API and UI, its database `prefect` on PostgreSQL
-    mlflow          MLflow's tracking server, its database `mlflow`, artifacts proxied to s3://twostage/mlflow-artifacts
+    postgres        PostgreSQL 15 (run as user `postgres` when we are root), databases `prefect`, `mlflow` and
+                    `mlflow_auth`; over TCP only with its password, over its unix socket only for its owner
+    s3              SeaweedFS `weed mini`: an S3 endpoint (bucket `twostage`) with its own access key
+    prefect-server  Prefect's API and UI, its database `prefect` on PostgreSQL; every API call needs the auth string
+    mlflow          MLflow's tracking server with its basic-auth app (accounts `admin`, `twostage` for the pipeline,
+                    `viewer`), its database `mlflow`, artifacts proxied to s3://twostage/mlflow-artifacts
     (setup)         work pool `twostage`, crash-detection automations (deploy/prefect_setup.py), `prefect deploy --all`
     worker-1, -2    two process workers of pool `twostage`, run from the repository root
 
 State lives in .stack/ at the repository root (or $TWOSTAGE_STACK_DIR):
 
+    secrets.json    every credential, made at the first `up` and kept (mode 600); see SECRETS
+    env             a client's exports: `source .stack/env` (mode 600): the servers' URLs, the Prefect auth string and
+                    the pipeline's MLflow account; no S3 key (MLflow proxies artifacts)
+    worker.env      a worker's: env plus the S3 store's keys and TWOSTAGE_STORAGE (mode 600)
     stack.json      every process started (pid, process group, start time) and every port; removed by `down`
-    env             `export K=V` lines for a client: `source .stack/env` (mode 600: it holds the S3 secret)
     s3-config.json  SeaweedFS identities: the S3 key and secret (mode 600); s3-admin.options its admin password
-    postgres/       the PostgreSQL cluster (owned by `postgres`); run/ its unix socket
+    mlflow-auth.ini MLflow's auth app configuration (no secret in it: the server gets them in its environment)
+    postgres/       the PostgreSQL cluster (owned by `postgres`); run/ its unix socket (mode 700)
     s3/             SeaweedFS data; s3-run/ its local sockets
     prefect/        PREFECT_HOME of the server; prefect-client/ that of the CLI calls and workers
     logs/           one log per component: <component>.log
 
-Data survives `down`; `up` reuses it (delete .stack/ for a cold start), with new ports and a new S3 key. `up`
+No secret is put on a command line (which `ps` shows every local user), in a config, or in a log: servers and
+workers get them in their environment (readable by their user only) or in mode-600 files. Data survives `down`;
+`up` reuses it and the secrets (delete .stack/ for a cold start), with new ports. `up`
 refuses to start a second stack while any process of the recorded one is alive (exit 1). `down` stops exactly the
 recorded processes and their descendants (a worker's flow runs live in sessions of their own), never anything found
 by name, and works after a failed or killed `up`. `status` exits 0 when every component answers, else 3.
@@ -27,6 +35,7 @@ by name, and works after a failed or killed `up`. `status` exits 0 when every co
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -50,6 +59,19 @@ POOL = "twostage"
 WORKERS = ("worker-1", "worker-2")
 STATE = STACK / "stack.json"
 ENV_FILE = STACK / "env"
+WORKER_ENV_FILE = STACK / "worker.env"
+SECRETS_FILE = STACK / "secrets.json"
+SECRETS = {  # name in secrets.json: what it opens
+    "postgres_password": "PostgreSQL's superuser `postgres` over TCP (the servers' databases)",
+    "s3_access_key": "the S3 store (with s3_secret_key): the MLflow server and the workers only",
+    "s3_secret_key": "the S3 store's secret key",
+    "prefect_auth_string": "Prefect's API and UI (PREFECT_API_AUTH_STRING; the UI asks for it)",
+    "mlflow_admin_password": "MLflow's `admin` account: manages accounts and every permission",
+    "mlflow_pipeline_password": "MLflow's `twostage` account (the pipeline): READ all, MANAGE what it creates",
+    "mlflow_viewer_password": "MLflow's `viewer` account: READ only",
+    "mlflow_flask_secret_key": "signs the MLflow UI's session cookies",
+}
+MLFLOW_PIPELINE_USER, MLFLOW_VIEWER_USER = "twostage", "viewer"
 AS_ROOT = os.geteuid() == 0
 
 
@@ -205,6 +227,22 @@ def write_private(path: Path, text: str) -> None:
     path.write_text(text)
 
 
+def stack_secrets() -> dict[str, str]:
+    """The stack's credentials: made at the first `up` (secrets.json, mode 600) and kept, since PostgreSQL and
+    MLflow's account store keep theirs; a name added to SECRETS later is made then."""
+    kept = json.loads(SECRETS_FILE.read_text()) if SECRETS_FILE.exists() else {}
+    made = {name: kept.get(name) or secrets.token_urlsafe(24) for name in SECRETS}
+    made["s3_access_key"] = kept.get("s3_access_key") or "twostage" + secrets.token_hex(6)
+    made["prefect_auth_string"] = kept.get("prefect_auth_string") or f"twostage:{secrets.token_urlsafe(24)}"
+    if made != kept:
+        write_private(SECRETS_FILE, json.dumps(made, indent=2) + "\n")
+    return made
+
+
+def exports(env: dict[str, str]) -> str:
+    return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
+
+
 # --- up ----------------------------------------------------------------------------------------------------
 
 
@@ -213,31 +251,31 @@ class Up:
 
     def __init__(self, recorded: dict | None = None) -> None:
         """A new stack on free ports, or (`recorded`: stack.json's state) the running one, to restart a component."""
+        self.secrets = stack_secrets()
         if recorded:
             self.ports, self.state = recorded["ports"], recorded
-            words = shlex.split(ENV_FILE.read_text())  # export K=V ...
-            self.client_env = dict(word.split("=", 1) for word in words if word != "export")
-            self.pg_url = f"postgres@{HOST}:{self.ports['postgres']}"
-            return
-        names = ["postgres", "s3", "prefect", "mlflow", "s3_grpc", "s3_master", "s3_master_grpc", "s3_volume",
-                 "s3_volume_grpc", "s3_filer", "s3_filer_grpc"]  # fmt: skip
-        admin = free_port_pair()  # the admin's HTTP and gRPC ports: SeaweedFS wants them 10000 apart
-        ports = [port for port in free_ports(len(names) + 2) if port not in (admin, admin + 10000)]
-        self.ports = dict(zip(names, ports)) | {"s3_admin": admin, "s3_admin_grpc": admin + 10000}
-        self.state = {"stack_dir": str(STACK), "ports": self.ports, "processes": {}, "timings_s": {}}
-        self.key = "twostage" + secrets.token_hex(6)
-        self.secret = secrets.token_urlsafe(30)
-        self.client_env = {
+        else:
+            names = ["postgres", "s3", "prefect", "mlflow", "s3_grpc", "s3_master", "s3_master_grpc", "s3_volume",
+                     "s3_volume_grpc", "s3_filer", "s3_filer_grpc"]  # fmt: skip
+            admin = free_port_pair()  # the admin's HTTP and gRPC ports: SeaweedFS wants them 10000 apart
+            ports = [port for port in free_ports(len(names) + 2) if port not in (admin, admin + 10000)]
+            self.ports = dict(zip(names, ports)) | {"s3_admin": admin, "s3_admin_grpc": admin + 10000}
+            self.state = {"stack_dir": str(STACK), "ports": self.ports, "processes": {}, "timings_s": {}}
+        self.pg_url = f"postgres@{HOST}:{self.ports['postgres']}"  # its password comes in PGPASSWORD
+        self.client_env = {  # a client's: what `source .stack/env` exports
             "PREFECT_API_URL": f"http://{HOST}:{self.ports['prefect']}/api",
+            "PREFECT_API_AUTH_STRING": self.secrets["prefect_auth_string"],
             "MLFLOW_TRACKING_URI": f"http://{HOST}:{self.ports['mlflow']}",
-            "TWOSTAGE_STORAGE": f"s3://{BUCKET}/phases",
-            "AWS_ENDPOINT_URL": f"http://{HOST}:{self.ports['s3']}",
-            "AWS_ACCESS_KEY_ID": self.key,
-            "AWS_SECRET_ACCESS_KEY": self.secret,
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "MLFLOW_S3_ENDPOINT_URL": f"http://{HOST}:{self.ports['s3']}",
+            "MLFLOW_TRACKING_USERNAME": MLFLOW_PIPELINE_USER,
+            "MLFLOW_TRACKING_PASSWORD": self.secrets["mlflow_pipeline_password"],
         }
-        self.pg_url = f"postgres@{HOST}:{self.ports['postgres']}"
+        self.s3_env = {  # the S3 store's, for the MLflow server and the workers
+            "AWS_ENDPOINT_URL": f"http://{HOST}:{self.ports['s3']}",
+            "AWS_ACCESS_KEY_ID": self.secrets["s3_access_key"],
+            "AWS_SECRET_ACCESS_KEY": self.secrets["s3_secret_key"],
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        self.worker_env = self.client_env | {"TWOSTAGE_STORAGE": f"s3://{BUCKET}/phases"} | self.s3_env
 
     def spawn(self, name: str, cmd: list, env: dict[str, str], umask: int = -1) -> dict:
         """Start a server in its own session (its process group is what `down` signals), logging to logs/."""
@@ -277,6 +315,12 @@ class Up:
             initdb = [PG_BIN / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8",
                       "--locale=C.UTF-8", "--no-instructions"]  # fmt: skip
             self.run("postgres", "initdb", as_postgres(initdb))
+        # Over TCP only with the password; over the unix socket (its folder is private to the cluster's owner) the
+        # owner alone, without one. Written at every `up`: a cluster made by an earlier, trusting stack is closed too.
+        (data / "pg_hba.conf").write_text("# deploy/stack.py writes this at every `up`\n"
+                                          "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n")
+        if AS_ROOT:
+            shutil.chown(data / "pg_hba.conf", "postgres", "postgres")
         options = f"-c listen_addresses={HOST} -p {self.ports['postgres']} -k {sockets}"
         try:
             pg_ctl = [PG_BIN / "pg_ctl", "-D", data, "-l", log, "-o", options, "-w", "-t", "60", "start"]
@@ -289,10 +333,12 @@ class Up:
         import psycopg2
 
         def create_databases() -> bool:
-            conn = psycopg2.connect(host=HOST, port=self.ports["postgres"], user="postgres", dbname="postgres")
+            conn = psycopg2.connect(host=str(sockets), port=self.ports["postgres"], user="postgres", dbname="postgres")
             conn.autocommit = True
             with conn.cursor() as cur:  # not `with conn`: that opens a transaction, which CREATE DATABASE refuses
-                for db in ("prefect", "mlflow"):
+                cur.execute("SET log_statement = 'none'")  # the password below stays out of the server's log
+                cur.execute("ALTER ROLE postgres PASSWORD %s", (self.secrets["postgres_password"],))
+                for db in ("prefect", "mlflow", "mlflow_auth"):
                     cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,))
                     if not cur.fetchone():
                         cur.execute(f'CREATE DATABASE "{db}"')
@@ -305,7 +351,8 @@ class Up:
         p, run = self.ports, STACK / "s3-run"
         for folder in (STACK / "s3", run):
             folder.mkdir(mode=0o700, exist_ok=True)  # s3/ too: weed saves its options (admin password) there
-        identity = {"name": "twostage", "credentials": [{"accessKey": self.key, "secretKey": self.secret}],
+        identity = {"name": "twostage", "credentials": [{"accessKey": self.s3_env["AWS_ACCESS_KEY_ID"],
+                                                          "secretKey": self.s3_env["AWS_SECRET_ACCESS_KEY"]}],
                     "actions": ["Admin", "Read", "List", "Tagging", "Write"]}
         write_private(STACK / "s3-config.json", json.dumps({"identities": [identity]}, indent=2))
         # A secret in an options file rather than on the command line, which every local user can read.
@@ -328,8 +375,9 @@ class Up:
         rec = self.spawn("s3", cmd, base_env(), umask=0o077)
         import boto3
 
-        s3 = boto3.client("s3", endpoint_url=self.client_env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                          aws_access_key_id=self.key, aws_secret_access_key=self.secret)  # fmt: skip
+        s3 = boto3.client("s3", endpoint_url=self.s3_env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                          aws_access_key_id=self.s3_env["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=self.s3_env["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
 
         def bucket_ready() -> bool:
             if BUCKET not in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
@@ -344,6 +392,8 @@ class Up:
         env = base_env() | {
             "PREFECT_HOME": str(STACK / "prefect"),
             "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{self.pg_url}/prefect",
+            "PGPASSWORD": self.secrets["postgres_password"],  # asyncpg reads it, as libpq does
+            "PREFECT_SERVER_API_AUTH_STRING": self.secrets["prefect_auth_string"],  # every API call but /health: 401
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             # Concurrency leases (the pipeline's phase locks) on disk, not in the server's memory: a restarted server
             # still knows a slot's lease, and frees the slot when the lease runs out. In memory, a slot held across
@@ -357,19 +407,54 @@ class Up:
         wait_for("prefect-server", lambda: http_ok(f"http://{HOST}:{self.ports['prefect']}/api/health"), 180, rec)
 
     def mlflow(self) -> None:
-        s3_keys = ("MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
-        env = base_env() | {key: self.client_env[key] for key in s3_keys}
-        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runner: ~0.5 GB instead of ~2.5 GB
-        cmd = [BIN / "mlflow", "server", "--host", HOST, "--port", self.ports["mlflow"], "--workers", "1",
-               "--backend-store-uri", f"postgresql+psycopg2://{self.pg_url}/mlflow",
+        # MLflow's basic-auth app: anyone signed in reads (default_permission READ), an experiment's or model's
+        # creator manages it, the admin manages accounts. Its admin password is set the first time it starts.
+        # auth_cache_ttl_seconds: a password is checked (PBKDF2, 0.29 s of CPU here) once a minute per account, not
+        # on every request: a quickstart `twostage run` against the stack took 34.5 s with a check per request,
+        # 10.7 s with the cache. With one server worker, a changed password or a deleted account takes effect at
+        # once all the same (the worker that changes it drops its cache entry).
+        auth_db = f"postgresql+psycopg2://{self.pg_url}/mlflow_auth"
+        write_private(STACK / "mlflow-auth.ini", f"""[mlflow]
+default_permission = READ
+database_uri = {auth_db}
+admin_username = admin
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+auth_cache_ttl_seconds = 60
+""")
+        env = base_env() | self.s3_env | {
+            "MLFLOW_S3_ENDPOINT_URL": self.s3_env["AWS_ENDPOINT_URL"],
+            "PGPASSWORD": self.secrets["postgres_password"],
+            "MLFLOW_AUTH_CONFIG_PATH": str(STACK / "mlflow-auth.ini"),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": self.secrets["mlflow_admin_password"],
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secrets["mlflow_flask_secret_key"],
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # no job runner: ~0.5 GB instead of ~2.5 GB
+        }
+        cmd = [BIN / "mlflow", "server", "--app-name", "basic-auth", "--host", HOST, "--port", self.ports["mlflow"],
+               "--workers", "1", "--backend-store-uri", f"postgresql+psycopg2://{self.pg_url}/mlflow",
                "--serve-artifacts", "--artifacts-destination", f"s3://{BUCKET}/mlflow-artifacts"]  # fmt: skip
         rec = self.spawn("mlflow", cmd, env)
         wait_for("mlflow", lambda: http_ok(f"http://{HOST}:{self.ports['mlflow']}/health"), 180, rec)
+        self.mlflow_account(MLFLOW_PIPELINE_USER, self.secrets["mlflow_pipeline_password"])
+        self.mlflow_account(MLFLOW_VIEWER_USER, self.secrets["mlflow_viewer_password"])
+
+    def mlflow_account(self, user: str, password: str) -> None:
+        """Make a non-admin MLflow account (as `admin`), or set its password to the kept one if it exists."""
+        import requests
+
+        url = f"http://{HOST}:{self.ports['mlflow']}/api/2.0/mlflow/users"
+        admin, account = ("admin", self.secrets["mlflow_admin_password"]), {"username": user, "password": password}
+        if requests.get(f"{url}/get", params={"username": user}, auth=admin, timeout=10).status_code == 200:
+            answer = requests.patch(f"{url}/update-password", json=account, auth=admin, timeout=10)
+        else:
+            answer = requests.post(f"{url}/create", json=account, auth=admin, timeout=10)
+        if answer.status_code != 200:
+            raise StackError(f"mlflow: account {user} could not be made ({answer.status_code} {answer.text[:200]}); "
+                             f"see {log_path('mlflow')}")
 
     def client_process_env(self) -> dict[str, str]:
         """What the CLI calls and the workers get: the client environment, a private PREFECT_HOME, heartbeats."""
         (STACK / "prefect-client").mkdir(exist_ok=True)
-        return base_env() | self.client_env | {
+        return base_env() | self.worker_env | {
             "PREFECT_HOME": str(STACK / "prefect-client"),
             "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",  # flow runs emit heartbeats: the crash detector's input
         }  # fmt: skip
@@ -399,7 +484,8 @@ class Up:
 
         def online() -> bool:
             url = f"{self.client_env['PREFECT_API_URL']}/work_pools/{POOL}/workers/filter"
-            request = urllib.request.Request(url, data=b"{}", headers={"Content-Type": "application/json"})
+            request = urllib.request.Request(url, data=b"{}", headers={"Content-Type": "application/json",
+                                                                      "Authorization": self.prefect_authorization()})
             with urllib.request.urlopen(request, timeout=3) as response:
                 found = {w["name"] for w in json.load(response) if w["status"] == "ONLINE"}
             return {f"stack-{name}" for name in WORKERS} <= found
@@ -407,6 +493,9 @@ class Up:
         for name in WORKERS:
             rec = self.state["processes"][name]
             wait_for(name, lambda rec=rec: alive(rec) and online(), 120, rec)
+
+    def prefect_authorization(self) -> str:
+        return "Basic " + base64.b64encode(self.secrets["prefect_auth_string"].encode()).decode()
 
     def __call__(self) -> None:
         began = time.monotonic()
@@ -419,14 +508,18 @@ class Up:
         self.timed("workers", self.workers)
         self.state["timings_s"]["total"] = round(time.monotonic() - began, 1)
         save_state(self.state)
-        write_private(ENV_FILE, "".join(f"export {k}={shlex.quote(v)}\n" for k, v in self.client_env.items()))
+        write_private(ENV_FILE, exports(self.client_env))
+        write_private(WORKER_ENV_FILE, exports(self.worker_env))
         print(f"\nStack up in {self.state['timings_s']['total']:.1f} s.")
-        print(f"  Prefect UI  http://{HOST}:{self.ports['prefect']}")
-        print(f"  MLflow UI   http://{HOST}:{self.ports['mlflow']}")
-        print(f"  S3          {self.client_env['AWS_ENDPOINT_URL']} (bucket {BUCKET})")
+        print(f"  Prefect UI  http://{HOST}:{self.ports['prefect']}   (it asks for the auth string: "
+              "PREFECT_API_AUTH_STRING in the env file)")
+        print(f"  MLflow UI   http://{HOST}:{self.ports['mlflow']}   (sign in as {MLFLOW_PIPELINE_USER}, "
+              f"{MLFLOW_VIEWER_USER} or admin)")
+        print(f"  S3          {self.s3_env['AWS_ENDPOINT_URL']} (bucket {BUCKET})")
         print(f"  PostgreSQL  {self.pg_url}")
-        print(f"\nClient environment (`source {ENV_FILE}`):")
-        print(ENV_FILE.read_text(), end="")
+        print(f"\nA client: `source {ENV_FILE}` ({', '.join(self.client_env)}).")
+        print(f"A worker on another host: {WORKER_ENV_FILE} (adds the S3 keys and TWOSTAGE_STORAGE).")
+        print(f"Every password and key: {SECRETS_FILE}. These files are readable by you alone (mode 600).")
 
 
 def up() -> int:
@@ -437,6 +530,7 @@ def up() -> int:
     for folder in (STACK, STACK / "logs"):
         folder.mkdir(mode=0o755, exist_ok=True)
     ENV_FILE.unlink(missing_ok=True)
+    WORKER_ENV_FILE.unlink(missing_ok=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated (SIGTERM)"))  # cleaned up like Ctrl-C
     # Started from `nohup` or a script's `&`, we inherit SIGINT ignored, and so would the servers: a Prefect worker
     # turns SIGTERM into SIGINT to stop, and would then never stop. With a handler here, they start with the default.
@@ -502,6 +596,7 @@ def down(quiet: bool = False) -> int:
         return 1
     STATE.unlink()
     ENV_FILE.unlink(missing_ok=True)
+    WORKER_ENV_FILE.unlink(missing_ok=True)
     print(
         f"stack down: stopped {stopped} component(s); none of the recorded pids {checked} (nor their "
         f"descendants) is alive. Data kept in {STACK}."

@@ -171,11 +171,13 @@ def _checked_servers_and_console() -> str | None:
     the console shows our lines (a live line per phase on a terminal). Returns PREFECT_API_URL (None: ephemeral)."""
     from prefect.settings import get_current_settings
 
+    from flows.servers import check_prefect_server
     from tasks.progress import log_every_s, quiet_console
     from tasks.tracking import open_store, tracking_uri
 
     prefect_api_url = get_current_settings().api.url
     open_store(tracking_uri())  # a bad URI, an MLflow server that is down, a broken store: say so now, in one line
+    check_prefect_server(prefect_api_url)  # down, or refusing our credentials: one line too
     log_every_s()
     _hide_tracebacks_of_expected_errors(tracking_uri(), prefect_api_url)
     quiet_console(live=True)
@@ -205,7 +207,12 @@ def serve_pipeline(config_path: str, overrides: list[str], cron: str, name: str 
     from prefect.deployments.runner import EntrypointType
 
     from flows.interrupts import stop_serving_on_ctrl_c
+    from flows.servers import check_prefect_server
     from flows.two_stage import two_stage
+    from tasks.tracking import open_store, tracking_uri
+
+    check_prefect_server(get_current_settings().api.url)
+    open_store(tracking_uri())  # the scheduled runs will log there
 
     stop_serving_on_ctrl_c(grace_s=30)
     try:

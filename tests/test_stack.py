@@ -2,8 +2,10 @@
 MLflow servers on them, two process workers, and the heartbeat automation that marks a dead worker's run Crashed.
 
 Marked `stack`: the module starts one stack in a temporary folder (about a minute) and stops it at the end, checking
-that nothing it started survives. Phases hand each other their state through the object store
-(TWOSTAGE_STORAGE=s3://twostage/phases), so a flow run retried on the other worker finds it there.
+that nothing it started survives. Phases of the workers' flow runs hand each other their state through the object
+store (TWOSTAGE_STORAGE=s3://twostage/phases), so a flow run retried on the other worker finds it there. Every server
+asks for credentials: a client holds the Prefect auth string and the pipeline's MLflow account (.stack/env), the
+workers also the object store's keys (.stack/worker.env).
 """
 
 from __future__ import annotations
@@ -28,14 +30,20 @@ from test_server import wait_for
 from conftest import REPO, tiny_config
 
 pytestmark = pytest.mark.stack
-CLIENT_VARIABLES = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "TWOSTAGE_STORAGE", "AWS_ENDPOINT_URL",
-                    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL")
+CLIENT_VARIABLES = ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
+                    "MLFLOW_TRACKING_PASSWORD", "TWOSTAGE_STORAGE", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                    "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL")
 
 
 @dataclass
 class Stack:
     folder: Path
     env: dict[str, str]  # what `make stack` tells a client to export
+    worker_env: dict[str, str]  # a worker's: the client's and the object store's keys
+
+    @property
+    def secrets(self) -> dict[str, str]:
+        return json.loads((self.folder / "secrets.json").read_text())
 
     @property
     def processes(self) -> dict[str, dict]:
@@ -67,8 +75,12 @@ def stack() -> Stack:
     up = stack_command(folder, "up")
     try:
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
-        stack = Stack(folder, exported(folder / "env"))
-        assert {"PREFECT_API_URL", "MLFLOW_TRACKING_URI", "TWOSTAGE_STORAGE"} <= set(stack.env)
+        stack = Stack(folder, exported(folder / "env"), exported(folder / "worker.env"))
+        assert set(stack.env) == {"PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_URI",
+                                  "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}  # no object store key
+        assert {"TWOSTAGE_STORAGE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(stack.worker_env)
+        for secret in stack.secrets.values():
+            assert secret not in up.stdout + up.stderr  # `up` says where the secrets are, not what they are
         yield stack
     finally:
         pids = [process["pid"] for process in json.loads((folder / "stack.json").read_text())["processes"].values()] \
@@ -95,6 +107,15 @@ def client_env(stack, monkeypatch):
         monkeypatch.setenv(key, value)
     with temporary_settings({PREFECT_API_URL: stack.env["PREFECT_API_URL"]}):
         yield stack.env
+
+
+def object_store(stack: Stack):
+    """The object store as a worker sees it, with the keys only workers and the MLflow server hold."""
+    import s3fs
+
+    env = stack.worker_env
+    return s3fs.S3FileSystem(key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"],
+                             endpoint_url=env["AWS_ENDPOINT_URL"], client_kwargs={"region_name": "us-east-1"})
 
 
 def flow_run(flow_run_id):
@@ -164,11 +185,11 @@ def test_four_runs_at_once_two_on_the_workers_two_from_clients_lose_and_duplicat
     champion_parent = tracking.get_run(tracking.get_run(champion.run_id).data.tags["mlflow.parentRunId"])
     assert champion_parent.data.metrics["test/acc"] == max(parent.data.metrics["test/acc"] for parent in parents)
 
-    import s3fs
-
-    stored = s3fs.S3FileSystem().find(client_env["TWOSTAGE_STORAGE"])
-    assert len([key for key in stored if "/checkpoints/" in key and key.endswith(".pt")]) >= 12  # 3 phases, 4 seeds
-    assert len([key for key in stored if "/results/" in key]) >= 12 and not [key for key in stored if ".tmp" in key]
+    stored = object_store(stack).find(stack.worker_env["TWOSTAGE_STORAGE"])
+    assert len([key for key in stored if "/checkpoints/" in key and key.endswith(".pt")]) >= 6  # 3 phases, 2 seeds
+    assert len([key for key in stored if "/results/" in key]) >= 6 and not [key for key in stored if ".tmp" in key]
+    for seed in (2, 3):  # a client holds no object store key: its phases stay in its own folder
+        assert len(list((tmp_path / f"client-{seed}" / "outputs" / "checkpoints").glob("*.pt"))) == 3
 
 
 def test_a_sweep_on_the_two_workers_pretrains_once_for_its_points_and_running_it_again_runs_only_the_failed_point(
@@ -270,21 +291,20 @@ def test_a_worker_killed_mid_finetune_crashes_its_run_which_the_other_worker_res
           "pretrain and head reused")
 
 
-def test_a_fresh_folder_on_the_default_storage_reuses_nothing_from_the_object_store(client_env, stack, tmp_path,
-                                                                                     monkeypatch):
+def test_a_fresh_folder_on_the_default_storage_reuses_nothing_from_the_object_store(client_env, stack, tmp_path):
     config = ["--set=name=stack-fresh", f"--set=data.root={tmp_path / 'data'}"] + [
         f"--set={phase}.epochs=2" for phase in ("pretrain", "head", "finetune")]
     command = [str(Path(sys.executable).parent / "twostage"), "run", "-c", str(REPO / "configs/quickstart.yaml")]
-    shared = subprocess.run(command + config, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    as_worker = {**os.environ, **stack.worker_env}  # a host holding the workers' credentials
+    shared = subprocess.run(command + config, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=as_worker)
     assert shared.returncode == 0, shared.stderr[-3000:]
-    monkeypatch.delenv("TWOSTAGE_STORAGE")
     (tmp_path / "fresh").mkdir()
     fresh = subprocess.run(command + config, cwd=tmp_path / "fresh", capture_output=True, text=True, timeout=600)
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert "reused the completed phase" not in fresh.stderr and (tmp_path / "fresh" / "outputs" / "results").is_dir()
     (tmp_path / "another").mkdir()
     again = subprocess.run(command + config, cwd=tmp_path / "another", capture_output=True, text=True, timeout=600,
-                           env={**os.environ, "TWOSTAGE_STORAGE": client_env["TWOSTAGE_STORAGE"]})
+                           env=as_worker)
     assert again.stderr.count("reused the completed phase") == 3  # the object store's phases, from any folder
 
 
@@ -312,6 +332,180 @@ def test_an_mlflow_server_stopped_mid_run_ends_the_run_naming_it_and_the_same_co
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("reused the completed phase") == 2  # pretrain and head
     assert re.search(r"finetune: resuming after epoch \d+/600", again.stderr)
+
+
+def test_each_server_refuses_a_request_without_or_with_wrong_credentials(stack):
+    import base64
+
+    import boto3
+    import botocore.exceptions
+    import psycopg2
+    import requests
+
+    env, worker = stack.env, stack.worker_env
+
+    def basic(text: str) -> dict[str, str]:
+        return {"Authorization": "Basic " + base64.b64encode(text.encode()).decode()}
+
+    prefect = f"{env['PREFECT_API_URL']}/flow_runs/filter"
+    assert requests.post(prefect, json={}, timeout=10).status_code == 401
+    assert requests.post(prefect, json={}, headers=basic("twostage:wrong"), timeout=10).status_code == 401
+    assert requests.post(prefect, json={}, headers=basic(env["PREFECT_API_AUTH_STRING"]), timeout=10).status_code == 200
+
+    mlflow_api = f"{env['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert requests.get(mlflow_api, timeout=10).status_code == 401
+    assert requests.get(env["MLFLOW_TRACKING_URI"], timeout=10).status_code == 401  # the UI too
+    for user in ("admin", "twostage", "viewer"):
+        assert requests.get(mlflow_api, auth=(user, "wrong"), timeout=10).status_code == 401
+    pipeline = (env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"])
+    assert requests.get(mlflow_api, auth=pipeline, timeout=10).status_code == 200
+
+    assert requests.get(f"{worker['AWS_ENDPOINT_URL']}/twostage/", timeout=10).status_code == 403  # anonymous
+
+    def s3(secret: str):
+        return boto3.client("s3", endpoint_url=worker["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                            aws_access_key_id=worker["AWS_ACCESS_KEY_ID"], aws_secret_access_key=secret)
+
+    with pytest.raises(botocore.exceptions.ClientError, match="SignatureDoesNotMatch|AccessDenied|403"):
+        s3("wrong").list_objects_v2(Bucket="twostage", MaxKeys=1)
+    assert s3(worker["AWS_SECRET_ACCESS_KEY"]).list_objects_v2(Bucket="twostage", MaxKeys=1)["ResponseMetadata"][
+        "HTTPStatusCode"] == 200
+
+    port = json.loads((stack.folder / "stack.json").read_text())["ports"]["postgres"]
+    for password in (None, "wrong"):  # the servers' databases: not around the servers' authentication
+        with pytest.raises(psycopg2.OperationalError, match="password"):
+            psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="mlflow", password=password,
+                             connect_timeout=5)
+    for name in ("secrets.json", "env", "worker.env", "s3-config.json", "mlflow-auth.ini"):
+        assert (stack.folder / name).stat().st_mode & 0o777 == 0o600, name
+
+
+def test_a_missing_or_wrong_credential_is_one_line_naming_the_server_and_the_variable(stack, tmp_path):
+    clean = {key: value for key, value in os.environ.items() if key not in CLIENT_VARIABLES}
+    mlflow, prefect = stack.env["MLFLOW_TRACKING_URI"], stack.env["PREFECT_API_URL"]
+    image = tmp_path / "image.png"
+    from PIL import Image
+
+    Image.new("L", (8, 8)).save(image)
+    cases = [
+        ("run", {"MLFLOW_TRACKING_USERNAME": None, "MLFLOW_TRACKING_PASSWORD": None},
+         f"MLflow tracking server {mlflow} requires an account (401 Unauthorized); set MLFLOW_TRACKING_USERNAME and "
+         "MLFLOW_TRACKING_PASSWORD"),
+        ("run", {"MLFLOW_TRACKING_PASSWORD": "wrong"},
+         f"MLflow tracking server {mlflow} refused MLFLOW_TRACKING_USERNAME twostage with this MLFLOW_TRACKING_PASSWORD"),
+        ("predict", {"MLFLOW_TRACKING_PASSWORD": "wrong"}, f"MLflow tracking server {mlflow} refused"),
+        ("run", {"PREFECT_API_AUTH_STRING": None},
+         f"Prefect server {prefect} requires authentication (401 Unauthorized); set PREFECT_API_AUTH_STRING"),
+        ("sweep", {"PREFECT_API_AUTH_STRING": "twostage:wrong"},
+         f"Prefect server {prefect} refused PREFECT_API_AUTH_STRING (401 Unauthorized)"),
+    ]
+    for command, changes, expected in cases:
+        env = {**clean, **stack.env, **changes}
+        args = {"run": ["run"], "sweep": ["sweep", "--grid", "seed=0,1"], "predict": ["predict", str(image)]}[command]
+        done = subprocess.run([str(Path(sys.executable).parent / "twostage"), *args, "-c",
+                               str(REPO / "configs" / "quickstart.yaml")], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120, env={key: value for key, value in env.items() if value is not None})
+        assert done.returncode == 2, (command, changes, done.stderr[-2000:])
+        assert done.stderr.startswith(f"twostage: error: {expected}") and done.stderr.count("\n") == 1, done.stderr
+    assert not (tmp_path / "outputs").exists()  # refused before anything ran
+
+
+def test_a_viewer_reads_the_runs_but_cannot_move_the_champion(client_env, stack, tmp_path, monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    config = tiny_config(name="stack-viewer", data={"dataset": "digits", "root": str(tmp_path / "data")})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    done = subprocess.run([str(Path(sys.executable).parent / "twostage"), "run", "-c", "config.yaml"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    tracking = MlflowClient(client_env["MLFLOW_TRACKING_URI"])  # its account is read from the environment per call
+    champion = tracking.get_model_version_by_alias("stack-viewer", "champion").version
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "viewer")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", stack.secrets["mlflow_viewer_password"])
+    experiment = tracking.get_experiment_by_name("stack-viewer").experiment_id
+    runs = tracking.search_runs([experiment])
+    assert len(runs) == 6 and tracking.get_model_version_by_alias("stack-viewer", "champion").version == champion
+    for refused in (lambda: tracking.set_registered_model_alias("stack-viewer", "champion", champion),
+                    lambda: tracking.delete_registered_model_alias("stack-viewer", "champion"),
+                    lambda: tracking.set_tag(runs[0].info.run_id, "promoted-by", "viewer")):
+        with pytest.raises(MlflowException, match="403"):
+            refused()
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", client_env["MLFLOW_TRACKING_USERNAME"])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", client_env["MLFLOW_TRACKING_PASSWORD"])
+    tracking.set_registered_model_alias("stack-viewer", "champion", champion)  # the pipeline's account may
+
+
+def test_no_secret_shows_up_in_mlflow_prefect_the_logs_or_a_command_line(client_env, stack, tmp_path):
+    import base64
+    import threading
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    command_lines: set[str] = set()
+    stop = threading.Event()
+
+    def watch() -> None:  # what `ps` shows every local user, sampled while a sweep runs on the workers
+        while not stop.is_set():
+            for entry in Path("/proc").iterdir():
+                try:
+                    command_lines.add((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+                except OSError:
+                    pass
+            time.sleep(0.2)
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny_config(name="stack-secrets", data={
+        "dataset": "digits", "root": str(tmp_path / "data")})))
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        sweep = subprocess.run([str(Path(sys.executable).parent / "twostage"), "sweep", "-c", "config.yaml", "--grid",
+                                "seed=0,1"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    finally:
+        stop.set()
+        watcher.join()
+    assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
+    assert any("prefect.engine" in line or "flow-run" in line for line in command_lines)  # a flow run was seen
+
+    tracking = MlflowClient(client_env["MLFLOW_TRACKING_URI"])
+    mlflow_records = []
+    for experiment in tracking.search_experiments():
+        for run in tracking.search_runs([experiment.experiment_id], max_results=1000):
+            mlflow_records.append([run.info.run_name, run.data.params, run.data.tags])
+        for model in tracking.search_logged_models([experiment.experiment_id]):
+            mlflow_records.append([model.params, model.tags])
+    for model in tracking.search_registered_models():
+        for version in tracking.search_model_versions(f"name = '{model.name}'"):
+            mlflow_records.append([version.tags, version.description])
+    assert any(record[2].get("twostage.sweep_id") for record in mlflow_records if len(record) == 3)
+    with get_client(sync_client=True) as prefect:
+        flow_runs = prefect.read_flow_runs(limit=200)
+        logs = prefect.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id for run in flow_runs])),
+                                 limit=200)
+        prefect_records = [
+            [run.model_dump(mode="json") for run in flow_runs],
+            [log.message for log in logs],
+            [artifact.model_dump(mode="json") for artifact in prefect.read_artifacts()],
+            [deployment.model_dump(mode="json") for deployment in prefect.read_deployments()],
+            prefect.read_work_pool("twostage").model_dump(mode="json"),
+            [variable.model_dump(mode="json") for variable in prefect.read_variables()],
+        ]
+    assert logs and prefect_records[2]  # there were logs and artifacts to look at
+    files = [path for folder in ("logs", "prefect", "prefect-client") for path in (stack.folder / folder).rglob("*")
+             if path.is_file()]
+    places = {
+        "command lines": "\n".join(command_lines),
+        "the sweep's output": sweep.stdout + sweep.stderr,
+        "MLflow runs, models and versions": json.dumps(mlflow_records, default=str),
+        "Prefect flow runs, logs, artifacts, deployments, work pool, variables": json.dumps(prefect_records, default=str),
+        **{str(path): path.read_text(errors="replace") for path in files},
+    }
+    auth_string = stack.secrets["prefect_auth_string"]
+    secrets = [*stack.secrets.values(), auth_string.split(":", 1)[1], base64.b64encode(auth_string.encode()).decode()]
+    for place, text in places.items():
+        for secret in secrets:
+            assert secret not in text, f"a secret in {place}"
 
 
 @pytest.mark.benchmark

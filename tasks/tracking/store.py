@@ -70,6 +70,32 @@ def _check_server(uri: str, fix: str) -> None:
         raise TrackingStoreError(f"MLflow tracking server {uri} does not answer ({reason}); start it, or {fix}") from None
     if answer.status_code != 200:
         raise TrackingStoreError(f"MLflow tracking server {uri} answered /health with {answer.status_code}; {fix}")
+    # /health answers anyone; a server with authentication (its basic-auth app) refuses the rest without an account
+    user, token = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_TOKEN")
+    try:
+        answer = requests.get(
+            f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search", params={"max_results": 1}, timeout=10,
+            auth=(user, os.environ.get("MLFLOW_TRACKING_PASSWORD", "")) if user else None,
+            headers={"Authorization": f"Bearer {token}"} if token and not user else None,
+        )
+    except requests.RequestException:
+        return  # answered /health a moment ago: the run's own calls will retry and say so
+    if answer.status_code in (401, 403):
+        raise TrackingStoreError(_refused(uri, answer.status_code, user, token))
+
+
+def _refused(uri: str, status: int, user: str | None, token: str | None) -> str:
+    stack = "(the team stack's: `source .stack/env`)"
+    if status == 403:
+        return (f"MLflow tracking server {uri} lets account {user} read no experiment (403 Forbidden); ask its admin "
+                "for READ, or set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to another account")
+    if user:
+        return (f"MLflow tracking server {uri} refused MLFLOW_TRACKING_USERNAME {user} with this "
+                f"MLFLOW_TRACKING_PASSWORD (401 Unauthorized); set the account's password {stack}")
+    if token:
+        return f"MLflow tracking server {uri} refused MLFLOW_TRACKING_TOKEN (401 Unauthorized); set a valid token"
+    return (f"MLflow tracking server {uri} requires an account (401 Unauthorized); set MLFLOW_TRACKING_USERNAME "
+            f"and MLFLOW_TRACKING_PASSWORD {stack}")
 
 
 def ui_url() -> str:
