@@ -410,7 +410,7 @@ def test_a_missing_or_wrong_credential_is_one_line_naming_the_server_and_the_var
     assert not (tmp_path / "outputs").exists()  # refused before anything ran
 
 
-def test_a_viewer_reads_the_runs_but_cannot_move_the_champion(client_env, stack, tmp_path, monkeypatch):
+def test_a_viewer_reads_the_runs_but_cannot_move_the_champion_or_run_into_the_experiment(client_env, stack, tmp_path, monkeypatch):
     from mlflow.exceptions import MlflowException
 
     config = tiny_config(name="stack-viewer", data={"dataset": "digits", "root": str(tmp_path / "data")})
@@ -431,6 +431,13 @@ def test_a_viewer_reads_the_runs_but_cannot_move_the_champion(client_env, stack,
                     lambda: tracking.set_tag(runs[0].info.run_id, "promoted-by", "viewer")):
         with pytest.raises(MlflowException, match="403"):
             refused()
+    as_viewer = subprocess.run([str(Path(sys.executable).parent / "twostage"), "run", "-c", "config.yaml"],
+                               cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert as_viewer.returncode == 2 and "Traceback" not in as_viewer.stderr
+    assert as_viewer.stderr.splitlines()[-1] == (
+        f"twostage: error: MLflow tracking server {client_env['MLFLOW_TRACKING_URI']}: account viewer may not write to "
+        "experiment stack-viewer (403 Forbidden); ask its admin for EDIT on it, or set `name` to an experiment of your own")
+    assert len(tracking.search_runs([experiment])) == 6  # nothing was added
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", client_env["MLFLOW_TRACKING_USERNAME"])
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", client_env["MLFLOW_TRACKING_PASSWORD"])
     tracking.set_registered_model_alias("stack-viewer", "champion", champion)  # the pipeline's account may

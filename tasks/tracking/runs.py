@@ -33,8 +33,23 @@ from tasks.provenance import git_commit
 from tasks.results import Checkpoint, RunContext, SweepRef
 from tasks.tracking import registry
 from tasks.tracking.history import metric_history
+from tasks.tracking.store import TrackingStoreError, open_store, run_url, tracking_uri
 from tasks.tracking.store import client as store_client
-from tasks.tracking.store import open_store, run_url, tracking_uri
+
+
+@contextmanager
+def _refused_as_one_line(uri: str, experiment: str) -> Iterator[None]:
+    """An MLflow account that may not write to the experiment (403 from a server with authentication): one line."""
+    try:
+        yield
+    except MlflowException as error:
+        if error.error_code != "PERMISSION_DENIED" and "error code 403" not in str(error):
+            raise
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME", "(none)")
+        raise TrackingStoreError(
+            f"MLflow tracking server {uri}: account {user} may not write to experiment {experiment} (403 Forbidden); "
+            "ask its admin for EDIT on it, or set `name` to an experiment of your own"
+        ) from None
 
 
 @contextmanager
@@ -57,25 +72,26 @@ def pipeline_run(
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     client = open_store(uri)
-    experiment = client.get_experiment_by_name(config.name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.name)
-    abandoned = _mark_abandoned_runs_killed(client, experiment_id, str(flow_run_id))
+    with _refused_as_one_line(uri, config.name):
+        experiment = client.get_experiment_by_name(config.name)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.name)
+        abandoned = _mark_abandoned_runs_killed(client, experiment_id, str(flow_run_id))
+        config_hash = fingerprint(config)
+        parent = client.create_run(
+            experiment_id,
+            run_name=run_name(config),
+            tags={
+                **_standard_tags(),
+                "twostage.config_hash": config_hash,
+                "twostage.device": device,
+                "twostage.amp": "bf16" if amp else "float32",
+                **_process_tags(str(flow_run_id)),
+                **_prefect_link(flow_run_id),
+                **({"twostage.sweep_id": sweep.id, "mlflow.parentRunId": sweep.run_id} if sweep else {}),
+            },
+        )
     if abandoned:
         get_run_logger().info("marked %d run(s) of dead processes KILLED: %s", len(abandoned), ", ".join(abandoned))
-    config_hash = fingerprint(config)
-    parent = client.create_run(
-        experiment_id,
-        run_name=run_name(config),
-        tags={
-            **_standard_tags(),
-            "twostage.config_hash": config_hash,
-            "twostage.device": device,
-            "twostage.amp": "bf16" if amp else "float32",
-            **_process_tags(str(flow_run_id)),
-            **_prefect_link(flow_run_id),
-            **({"twostage.sweep_id": sweep.id, "mlflow.parentRunId": sweep.run_id} if sweep else {}),
-        },
-    )
     run_id = parent.info.run_id
     with _terminated_on_exit(client, run_id), _system_metrics(run_id, uri):
         _log_params(client, run_id, flatten(config))
