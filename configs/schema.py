@@ -308,7 +308,14 @@ class PipelineConfig(StrictModel):
         return value
 
 
-def fingerprint(*parts: BaseModel | str | int | float) -> str:
+def config_hash(config: PipelineConfig) -> str:
+    """A config's identity: the parent run's `twostage.config_hash`, the `<name>-<hash7>` of its MLflow and Prefect
+    runs, a sweep point's. Every setting but `storage`, which says where phases are kept, not what they are: a
+    sweep's point takes the storage of the worker that runs it and is the same point there as on the client."""
+    return fingerprint(config.model_dump(mode="json", exclude={"storage"}))
+
+
+def fingerprint(*parts: BaseModel | dict | str | int | float) -> str:
     """sha256 of the parts' canonical JSON: the same settings give the same hex digest."""
     payload = [p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

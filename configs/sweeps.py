@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from configs.errors import UserError
 from configs.loader import apply_override, describe_validation_error, parse_value, read_raw_config, set_value
-from configs.schema import PipelineConfig, fingerprint
+from configs.schema import PipelineConfig, config_hash, fingerprint
 
 FILE_KEYS = ("grid", "points", "set")
 
@@ -39,7 +39,7 @@ class SweepPoint:
 
     @property
     def config_hash(self) -> str:
-        return fingerprint(self.config)
+        return config_hash(self.config)
 
     @property
     def label(self) -> str:

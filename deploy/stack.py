@@ -251,6 +251,8 @@ class Up:
 
     def __init__(self, recorded: dict | None = None) -> None:
         """A new stack on free ports, or (`recorded`: stack.json's state) the running one, to restart a component."""
+        # A stack made before it had accounts: its experiments and models have no owner yet (adopted at `up`)
+        self.adopt = not recorded and not SECRETS_FILE.exists() and (STACK / "postgres" / "PG_VERSION").exists()
         self.secrets = stack_secrets()
         if recorded:
             self.ports, self.state = recorded["ports"], recorded
@@ -260,7 +262,8 @@ class Up:
             admin = free_port_pair()  # the admin's HTTP and gRPC ports: SeaweedFS wants them 10000 apart
             ports = [port for port in free_ports(len(names) + 2) if port not in (admin, admin + 10000)]
             self.ports = dict(zip(names, ports)) | {"s3_admin": admin, "s3_admin_grpc": admin + 10000}
-            self.state = {"stack_dir": str(STACK), "ports": self.ports, "processes": {}, "timings_s": {}}
+            self.state = {"stack_dir": str(STACK), "ports": self.ports, "processes": {}, "timings_s": {},
+                          "authenticated": True}  # `restart` refuses a stack started before it had credentials
         self.pg_url = f"postgres@{HOST}:{self.ports['postgres']}"  # its password comes in PGPASSWORD
         self.client_env = {  # a client's: what `source .stack/env` exports
             "PREFECT_API_URL": f"http://{HOST}:{self.ports['prefect']}/api",
@@ -314,7 +317,7 @@ class Up:
         if not (data / "PG_VERSION").exists():
             initdb = [PG_BIN / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8",
                       "--locale=C.UTF-8", "--no-instructions"]  # fmt: skip
-            self.run("postgres", "initdb", as_postgres(initdb))
+            self.run("postgres", "initdb", as_postgres(initdb), base_env())
         # Over TCP only with the password; over the unix socket (its folder is private to the cluster's owner) the
         # owner alone, without one. Written at every `up`: a cluster made by an earlier, trusting stack is closed too.
         (data / "pg_hba.conf").write_text("# deploy/stack.py writes this at every `up`\n"
@@ -324,7 +327,7 @@ class Up:
         options = f"-c listen_addresses={HOST} -p {self.ports['postgres']} -k {sockets}"
         try:
             pg_ctl = [PG_BIN / "pg_ctl", "-D", data, "-l", log, "-o", options, "-w", "-t", "60", "start"]
-            self.run("postgres", "pg_ctl start", as_postgres(pg_ctl), timeout=90)
+            self.run("postgres", "pg_ctl start", as_postgres(pg_ctl), base_env(), timeout=90)
         finally:  # record the postmaster even if pg_ctl gave up waiting on it
             pid_file = data / "postmaster.pid"
             if pid_file.exists() and (pid := int(pid_file.read_text().split()[0])) and proc_stat(pid):
@@ -436,20 +439,48 @@ auth_cache_ttl_seconds = 60
         wait_for("mlflow", lambda: http_ok(f"http://{HOST}:{self.ports['mlflow']}/health"), 180, rec)
         self.mlflow_account(MLFLOW_PIPELINE_USER, self.secrets["mlflow_pipeline_password"])
         self.mlflow_account(MLFLOW_VIEWER_USER, self.secrets["mlflow_viewer_password"])
+        if self.adopt:
+            self.adopt_unowned()
 
-    def mlflow_account(self, user: str, password: str) -> None:
-        """Make a non-admin MLflow account (as `admin`), or set its password to the kept one if it exists."""
+    def mlflow_admin(self, method: str, path: str, **kwargs):
+        """A request to MLflow's REST API as `admin`; a refusal is a StackError naming why."""
         import requests
 
-        url = f"http://{HOST}:{self.ports['mlflow']}/api/2.0/mlflow/users"
-        admin, account = ("admin", self.secrets["mlflow_admin_password"]), {"username": user, "password": password}
-        if requests.get(f"{url}/get", params={"username": user}, auth=admin, timeout=10).status_code == 200:
-            answer = requests.patch(f"{url}/update-password", json=account, auth=admin, timeout=10)
+        url = f"http://{HOST}:{self.ports['mlflow']}/api/{path}"
+        answer = requests.request(method, url, auth=("admin", self.secrets["mlflow_admin_password"]), timeout=30,
+                                  **kwargs)
+        if answer.status_code == 401:
+            raise StackError(f"mlflow: admin's password in {SECRETS_FILE} is not the one MLflow's account store holds "
+                             "(it keeps the first one it was given): restore that file, or delete the stack folder "
+                             "for a cold start")
+        return answer
+    def mlflow_account(self, user: str, password: str) -> None:
+        """Make a non-admin MLflow account (as `admin`), or set its password to the kept one if it exists."""
+        account = {"username": user, "password": password}
+        if self.mlflow_admin("GET", "2.0/mlflow/users/get", params={"username": user}).status_code == 200:
+            answer = self.mlflow_admin("PATCH", "2.0/mlflow/users/update-password", json=account)
         else:
-            answer = requests.post(f"{url}/create", json=account, auth=admin, timeout=10)
+            answer = self.mlflow_admin("POST", "2.0/mlflow/users/create", json=account)
         if answer.status_code != 200:
             raise StackError(f"mlflow: account {user} could not be made ({answer.status_code} {answer.text[:200]}); "
                              f"see {log_path('mlflow')}")
+
+    def adopt_unowned(self) -> None:
+        """Give the pipeline's account MANAGE on every experiment and registered model of a stack made before it had
+        accounts: the pipeline made them all, and without an owner its account could only read them (403)."""
+        experiments = self.mlflow_admin("POST", "2.0/mlflow/experiments/search", json={"max_results": 1000})
+        models = self.mlflow_admin("GET", "2.0/mlflow/registered-models/search", params={"max_results": 1000})
+        owned = [("experiment", e["experiment_id"]) for e in experiments.json().get("experiments", [])] + [
+            ("registered_model", m["name"]) for m in models.json().get("registered_models", [])]
+        for resource_type, resource_id in owned:
+            grant = {"username": MLFLOW_PIPELINE_USER, "resource_type": resource_type, "resource_id": resource_id,
+                     "permission": "MANAGE"}
+            answer = self.mlflow_admin("POST", "3.0/mlflow/users/permissions/grant", json=grant)
+            if answer.status_code != 200:
+                raise StackError(f"mlflow: could not give {MLFLOW_PIPELINE_USER} {resource_type} {resource_id} "
+                                 f"({answer.status_code} {answer.text[:200]})")
+        print(f"  (a stack made before it had accounts: {MLFLOW_PIPELINE_USER} now manages its {len(owned)} "
+              "experiments and registered models)", flush=True)
 
     def client_process_env(self) -> dict[str, str]:
         """What the CLI calls and the workers get: the client environment, a private PREFECT_HOME, heartbeats."""
@@ -560,7 +591,7 @@ def stop(name: str, rec: dict, grace: float = 15) -> list[int]:
     loners = [pid for pid in pids if (stat := proc_stat(pid)) and stat[2] not in groups]
     if rec.get("pg_ctl"):
         pg_ctl = [PG_BIN / "pg_ctl", "-D", STACK / "postgres", "-m", "fast", "-w", "-t", "30", "stop"]
-        subprocess.run(as_postgres(pg_ctl), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(as_postgres(pg_ctl), env=base_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for kill, target in [(os.killpg, group) for group in groups] + [(os.kill, pid) for pid in loners]:
             try:
@@ -640,6 +671,10 @@ def restart(name: str) -> int:
     state = load_state()
     if not state or name not in state["processes"]:
         print(f"stack: no {name} recorded in {STATE}", file=sys.stderr)
+        return 1
+    if not state.get("authenticated"):
+        print("stack: this stack was started by a version without credentials; `stack.py down`, then `up`",
+              file=sys.stderr)
         return 1
     stop(name, state["processes"][name])
     try:

@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from configs.errors import UserError
+from configs.schema import PipelineConfig
 from configs.sweeps import Sweep, SweepPoint
 from flows.compare import compare_sweep
 from tasks import tracking
@@ -172,7 +173,7 @@ def run_on_workers(sweep: Sweep, todo: list[SweepPoint], ref: SweepRef, deployme
             ids[point.config_hash] = running[point.run_name]
             continue
         ids[point.config_hash] = run_deployment(
-            deployment, parameters={"config": point.config.model_dump(mode="json"), "sweep": ref.model_dump()},
+            deployment, parameters={"config": _as_parameter(point.config), "sweep": ref.model_dump()},
             timeout=0, tags=["twostage-sweep", tag], flow_run_name=point.run_name,
         ).id
     attached = len([point for point in todo if point.run_name in running])
@@ -207,8 +208,15 @@ def run_on_workers(sweep: Sweep, todo: list[SweepPoint], ref: SweepRef, deployme
         time.sleep(POLL_S)
 
 
+def _as_parameter(config: PipelineConfig) -> dict:
+    """A point's config as its flow run's parameter. Without `storage` unless the config sets it: the worker's own
+    default applies (TWOSTAGE_STORAGE where it runs: the object store the workers share), not this client's."""
+    return config.model_dump(mode="json", exclude=None if "storage" in config.model_fields_set else {"storage"})
+
+
 def _warn_if_storage_is_local(sweep: Sweep) -> None:
-    storage = sweep.points[0].config.storage
-    if is_local(storage):
-        print(f"note: storage is the local folder {storage!r}: workers on other hosts share no phases through it; set "
-              "TWOSTAGE_STORAGE=s3://BUCKET/PREFIX (make stack's env does)", file=sys.stderr)
+    config = sweep.points[0].config
+    if "storage" in config.model_fields_set and is_local(config.storage):
+        print(f"note: storage is the local folder {config.storage!r}: workers on other hosts share no phases through "
+              "it; leave storage unset (the workers' TWOSTAGE_STORAGE applies) or use s3://BUCKET/PREFIX",
+              file=sys.stderr)

@@ -74,6 +74,21 @@ def test_a_bad_point_anywhere_is_one_line_naming_it(tmp_path, grids, sweep_file,
 
 
 @pytest.mark.cli
+def test_a_point_is_the_same_point_wherever_its_phases_are_stored_and_takes_the_workers_storage(monkeypatch):
+    from flows.sweep import _as_parameter
+
+    monkeypatch.setenv("TWOSTAGE_STORAGE", "s3://team/phases")  # a worker's
+    on_worker = build_sweep(str(REPO / "configs" / "quickstart.yaml"), [], ["seed=0,1"])
+    monkeypatch.delenv("TWOSTAGE_STORAGE")  # a client's: the default, outputs
+    on_client = build_sweep(str(REPO / "configs" / "quickstart.yaml"), [], ["seed=0,1"])
+    assert on_client.points[0].config.storage == "outputs" and on_worker.points[0].config.storage == "s3://team/phases"
+    assert [p.run_name for p in on_client.points] == [p.run_name for p in on_worker.points]
+    assert on_client.points[0].run_name != on_client.points[1].run_name  # the seed is part of it
+    assert "storage" not in _as_parameter(on_client.points[0].config)  # the worker fills in its own
+    chosen = build_sweep(str(REPO / "configs" / "quickstart.yaml"), ["storage=s3://mine/phases"], ["seed=0,1"])
+    assert _as_parameter(chosen.points[0].config)["storage"] == "s3://mine/phases"  # one the user set travels
+
+
 def test_a_bad_point_exits_2_before_anything_runs(tmp_path):
     result = twostage("sweep", "-c", QUICKSTART, "--grid", "seed=0,1", "--grid", "data.val_fraction=0.1,3", cwd=tmp_path)
     assert_one_line_error(result, "sweep point 2 (seed=0 data.val_fraction=3)", "invalid value for 'data.val_fraction'")

@@ -26,7 +26,7 @@ from prefect import get_run_logger
 from prefect.settings import get_current_settings
 
 from configs.loader import flatten, to_yaml
-from configs.schema import PipelineConfig, fingerprint
+from configs.schema import PipelineConfig, config_hash
 from tasks import plots
 from tasks.files import absolute
 from tasks.provenance import git_commit
@@ -76,13 +76,13 @@ def pipeline_run(
         experiment = client.get_experiment_by_name(config.name)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.name)
         abandoned = _mark_abandoned_runs_killed(client, experiment_id, str(flow_run_id))
-        config_hash = fingerprint(config)
+        identity = config_hash(config)
         parent = client.create_run(
             experiment_id,
             run_name=run_name(config),
             tags={
                 **_standard_tags(),
-                "twostage.config_hash": config_hash,
+                "twostage.config_hash": identity,
                 "twostage.device": device,
                 "twostage.amp": "bf16" if amp else "float32",
                 **_process_tags(str(flow_run_id)),
@@ -115,7 +115,7 @@ def pipeline_run(
 
 def run_name(config: PipelineConfig) -> str:
     """The parent run's name, and its Prefect flow run's: `<config name>-<config hash, 7 characters>`."""
-    return f"{config.name}-{fingerprint(config)[:7]}"
+    return f"{config.name}-{config_hash(config)[:7]}"
 
 
 def _standard_tags() -> dict[str, str]:
