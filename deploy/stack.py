@@ -25,7 +25,8 @@ State lives in .stack/ at the repository root (or $TWOSTAGE_STACK_DIR):
     prefect/        PREFECT_HOME of the server; prefect-client/ that of the CLI calls and workers
     logs/           one log per component: <component>.log
 
-No secret is put on a command line (which `ps` shows every local user), in a config, or in a log: servers and
+No secret is put on a command line (which `ps` shows every local user), in a config, or in a log, and `up` prints
+where they are, not what they are (`env` prints the client's exports, secrets included, when asked): servers and
 workers get them in their environment (readable by their user only) or in mode-600 files. Data survives `down`;
 `up` reuses it and the secrets (delete .stack/ for a cold start), with new ports. `up`
 refuses to start a second stack while any process of the recorded one is alive (exit 1). `down` stops exactly the

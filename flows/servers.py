@@ -39,8 +39,9 @@ def check_prefect_server(api_url: str | None) -> None:
     key = settings.key.get_secret_value() if settings.key else None
     headers = ({"Authorization": "Basic " + base64.b64encode(auth_string.encode()).decode()} if auth_string
                else {"Authorization": f"Bearer {key}"} if key else {})
+    verify = False if settings.tls_insecure_skip_verify else settings.ssl_cert_file or True  # as Prefect's client
     try:
-        answer = httpx.get(f"{api_url.rstrip('/')}/admin/version", headers=headers, timeout=10)
+        answer = httpx.get(f"{api_url.rstrip('/')}/admin/version", headers=headers, timeout=10, verify=verify)
     except httpx.HTTPError as error:
         raise PrefectServerError(f"Prefect server {api_url} does not answer ({type(error).__name__}); start it, or "
                                  "unset PREFECT_API_URL to run on Prefect's ephemeral server") from None

@@ -100,22 +100,23 @@ def prepare(config: DataConfig, rebuild: bool = False, logger: logging.Logger | 
 
 
 def conform(raw: RawData, config: DataConfig) -> RawData:
-    """The raw images at `data.image_size` (bilinear, antialiased) with `data.channels` (grayscale repeated to RGB,
-    RGB to Pillow's luma), where those are set and differ from the data set's own."""
+    """The raw images at `data.image_size` (bilinear, antialiased) with `data.channels` (RGB to Pillow's luma
+    before resizing, grayscale repeated to RGB after it), where those are set and differ from the data set's own."""
     def conformed(images: torch.Tensor | None) -> torch.Tensor | None:
         if images is None:
             return None
-        if config.channels == 3 and images.shape[1] == 1:
-            images = images.expand(-1, 3, -1, -1).contiguous()
-        elif config.channels == 1 and images.shape[1] == 3:
-            luma = torch.tensor([299, 587, 114], dtype=torch.int32).view(1, 3, 1, 1)  # Pillow's convert("L")
-            images = ((images.int() * luma).sum(1, keepdim=True) + 500).div(1000, rounding_mode="floor").byte()
+        if config.channels == 1 and images.shape[1] == 3:  # Pillow's convert("L"), to the same integer
+            luma = torch.tensor([19595, 38470, 7471], dtype=torch.int64).view(1, 3, 1, 1)
+            images = ((images.long() * luma).sum(1, keepdim=True) + 0x8000).bitwise_right_shift(16).byte()
         if config.image_size and images.shape[2:] != (config.image_size, config.image_size):
             size = (config.image_size, config.image_size)
-            images = torch.cat([  # in chunks: a float copy of a whole data set at 64x64 would take gigabytes
+            per_chunk = max(1, 2**24 // (images.shape[1] * config.image_size**2))  # 64 MB of floats at a time
+            images = torch.cat([
                 F.interpolate(chunk.float(), size=size, mode="bilinear", antialias=True).round_().clamp_(0, 255).byte()
-                for chunk in images.split(4096)
+                for chunk in images.split(per_chunk)
             ])
+        if config.channels == 3 and images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1).contiguous()
         return images
 
     return replace(raw, train_images=conformed(raw.train_images), test_images=conformed(raw.test_images))

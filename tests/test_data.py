@@ -50,11 +50,11 @@ def test_rgb_images_become_grayscale_as_pillow_converts_them():
     from tasks.data import conform
     from tasks.sources import RawData
 
-    rgb = torch.randint(0, 256, (5, 3, 6, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    raw = RawData(rgb, torch.zeros(5, dtype=torch.int64), None, None, ["a"], "test")
+    rgb = torch.randint(0, 256, (4, 3, 256, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    raw = RawData(rgb, torch.zeros(4, dtype=torch.int64), None, None, ["a"], "test")
     gray = conform(raw, DataConfig(dataset="cifar10", channels=1)).train_images
     pillow = [np.asarray(Image.fromarray(image.permute(1, 2, 0).numpy()).convert("L")) for image in rgb]
-    assert gray.shape == (5, 1, 6, 6) and np.array_equal(gray[:, 0].numpy(), np.stack(pillow))
+    assert gray.shape == (4, 1, 256, 256) and np.array_equal(gray[:, 0].numpy(), np.stack(pillow))  # 262,144 pixels
 
 
 def test_label_fraction_keeps_a_stratified_subset_and_pretraining_keeps_every_image(tmp_path):

@@ -142,6 +142,7 @@ def test_the_logged_model_belongs_to_the_pipelines_experiment_and_evaluate_run(q
     client, parent = quickstart_run["client"], quickstart_run["parent"]
     models = client.search_logged_models([parent.info.experiment_id])
     assert [model.source_run_id for model in models] == [quickstart_run["children"]["evaluate"].info.run_id]
+    assert models[0].tags["mlflow.source.name"] == parent.data.tags["mlflow.source.name"]  # MLflow's standard tags
     assert not client.search_logged_models(["0"])  # not in the default experiment
 
 

@@ -396,14 +396,17 @@ def test_a_missing_or_wrong_credential_is_one_line_naming_the_server_and_the_var
         ("predict", {"MLFLOW_TRACKING_PASSWORD": "wrong"}, f"MLflow tracking server {mlflow} refused"),
         ("run", {"PREFECT_API_AUTH_STRING": None},
          f"Prefect server {prefect} requires authentication (401 Unauthorized); set PREFECT_API_AUTH_STRING"),
+        ("compare", {"MLFLOW_TRACKING_PASSWORD": "wrong"}, f"MLflow tracking server {mlflow} refused"),
         ("sweep", {"PREFECT_API_AUTH_STRING": "twostage:wrong"},
          f"Prefect server {prefect} refused PREFECT_API_AUTH_STRING (401 Unauthorized)"),
+        ("serve", {"PREFECT_API_AUTH_STRING": "twostage:wrong"}, f"Prefect server {prefect} refused"),
     ]
     for command, changes, expected in cases:
         env = {**clean, **stack.env, **changes}
-        args = {"run": ["run"], "sweep": ["sweep", "--grid", "seed=0,1"], "predict": ["predict", str(image)]}[command]
-        done = subprocess.run([str(Path(sys.executable).parent / "twostage"), *args, "-c",
-                               str(REPO / "configs" / "quickstart.yaml")], cwd=tmp_path, capture_output=True,
+        args = {"run": ["run"], "sweep": ["sweep", "--grid", "seed=0,1"], "predict": ["predict", str(image)],
+                "compare": ["compare", "-e", "quickstart"], "serve": ["serve", "--cron", "0 3 * * *"]}[command]
+        args = args if command == "compare" else [*args, "-c", str(REPO / "configs" / "quickstart.yaml")]
+        done = subprocess.run([str(Path(sys.executable).parent / "twostage"), *args], cwd=tmp_path, capture_output=True,
                               text=True, timeout=120, env={key: value for key, value in env.items() if value is not None})
         assert done.returncode == 2, (command, changes, done.stderr[-2000:])
         assert done.stderr.startswith(f"twostage: error: {expected}") and done.stderr.count("\n") == 1, done.stderr
@@ -474,6 +477,7 @@ def test_no_secret_shows_up_in_mlflow_prefect_the_logs_or_a_command_line(client_
         watcher.join()
     assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
     assert any("prefect.engine" in line or "flow-run" in line for line in command_lines)  # a flow run was seen
+    sweep_id = re.search(r"^sweep (\w+):", sweep.stdout, flags=re.M).group(1)
 
     tracking = MlflowClient(client_env["MLFLOW_TRACKING_URI"])
     mlflow_records = []
@@ -485,11 +489,17 @@ def test_no_secret_shows_up_in_mlflow_prefect_the_logs_or_a_command_line(client_
     for model in tracking.search_registered_models():
         for version in tracking.search_model_versions(f"name = '{model.name}'"):
             mlflow_records.append([version.tags, version.description])
-    assert any(record[2].get("twostage.sweep_id") for record in mlflow_records if len(record) == 3)
+    points = tracking.search_runs([tracking.get_experiment_by_name("stack-secrets").experiment_id],
+                                  f"tags.`twostage.sweep_id` = '{sweep_id}' and tags.`twostage.config_hash` LIKE '%'")
+    # the points ran on the workers, in the object store their TWOSTAGE_STORAGE names, not the client's default
+    assert len(points) == 2 and {run.data.params["storage"] for run in points} == {stack.worker_env["TWOSTAGE_STORAGE"]}
     with get_client(sync_client=True) as prefect:
-        flow_runs = prefect.read_flow_runs(limit=200)
-        logs = prefect.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id for run in flow_runs])),
-                                 limit=200)
+        flow_runs, logs = [], []
+        while page := prefect.read_flow_runs(limit=200, offset=len(flow_runs)):
+            flow_runs += page
+        log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id for run in flow_runs]))
+        while page := prefect.read_logs(log_filter, limit=200, offset=len(logs)):
+            logs += page
         prefect_records = [
             [run.model_dump(mode="json") for run in flow_runs],
             [log.message for log in logs],
@@ -497,6 +507,7 @@ def test_no_secret_shows_up_in_mlflow_prefect_the_logs_or_a_command_line(client_
             [deployment.model_dump(mode="json") for deployment in prefect.read_deployments()],
             prefect.read_work_pool("twostage").model_dump(mode="json"),
             [variable.model_dump(mode="json") for variable in prefect.read_variables()],
+            [block.model_dump(mode="json") for block in prefect.read_block_documents(include_secrets=True)],
         ]
     assert logs and prefect_records[2]  # there were logs and artifacts to look at
     files = [path for folder in ("logs", "prefect", "prefect-client") for path in (stack.folder / folder).rglob("*")
@@ -509,7 +520,9 @@ def test_no_secret_shows_up_in_mlflow_prefect_the_logs_or_a_command_line(client_
         **{str(path): path.read_text(errors="replace") for path in files},
     }
     auth_string = stack.secrets["prefect_auth_string"]
-    secrets = [*stack.secrets.values(), auth_string.split(":", 1)[1], base64.b64encode(auth_string.encode()).decode()]
+    pipeline_account = f"twostage:{stack.secrets['mlflow_pipeline_password']}"  # as a basic-auth header holds it
+    secrets = [*stack.secrets.values(), auth_string.split(":", 1)[1],
+               *(base64.b64encode(text.encode()).decode() for text in (auth_string, pipeline_account))]
     for place, text in places.items():
         for secret in secrets:
             assert secret not in text, f"a secret in {place}"

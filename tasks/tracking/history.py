@@ -79,7 +79,8 @@ def load_classifier(model_uri: str):
     Raises:
         ModelNotFoundError: nothing at that URI (one line, naming it).
     """
-    mlflow.set_tracking_uri(open_store(tracking_uri()) and tracking_uri())  # an unusable store: one line first
+    open_store(tracking_uri())  # an unusable store, a server refusing our account: one line, first
+    mlflow.set_tracking_uri(tracking_uri())
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except (MlflowException, OSError) as error:

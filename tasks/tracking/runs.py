@@ -237,7 +237,8 @@ class PhaseRun:
         # The logged model is made here, in this run's experiment: mlflow.pytorch.log_model given a run_id but no
         # active run makes it in the default experiment ("0": our models were listed there, not in their own
         # experiment), where the pipeline's account on an authenticated server may not write (403).
-        logged = self.client.create_logged_model(self.context.experiment_id, name="model", source_run_id=self.run_id)
+        logged = self.client.create_logged_model(self.context.experiment_id, name="model", source_run_id=self.run_id,
+                                                 tags=_standard_tags())
         info = mlflow.pytorch.log_model(
             model,
             name="model",

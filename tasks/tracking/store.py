@@ -62,9 +62,18 @@ def open_store(uri: str) -> MlflowClient:
 
 def _check_server(uri: str, fix: str) -> None:
     import requests
+    from mlflow.environment_variables import (
+        MLFLOW_TRACKING_CLIENT_CERT_PATH,
+        MLFLOW_TRACKING_INSECURE_TLS,
+        MLFLOW_TRACKING_SERVER_CERT_PATH,
+    )
 
+    tls = {  # as MLflow's own client reaches the server (a TLS proxy with a private CA, a client certificate)
+        "verify": False if MLFLOW_TRACKING_INSECURE_TLS.get() else MLFLOW_TRACKING_SERVER_CERT_PATH.get() or True,
+        "cert": MLFLOW_TRACKING_CLIENT_CERT_PATH.get(),
+    }
     try:
-        answer = requests.get(f"{uri.rstrip('/')}/health", timeout=5)
+        answer = requests.get(f"{uri.rstrip('/')}/health", timeout=5, **tls)
     except requests.RequestException as error:
         reason = type(error).__name__ + (": connection refused" if "refused" in str(error).lower() else "")
         raise TrackingStoreError(f"MLflow tracking server {uri} does not answer ({reason}); start it, or {fix}") from None
@@ -76,7 +85,7 @@ def _check_server(uri: str, fix: str) -> None:
         answer = requests.get(
             f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search", params={"max_results": 1}, timeout=10,
             auth=(user, os.environ.get("MLFLOW_TRACKING_PASSWORD", "")) if user else None,
-            headers={"Authorization": f"Bearer {token}"} if token and not user else None,
+            headers={"Authorization": f"Bearer {token}"} if token and not user else None, **tls,
         )
     except requests.RequestException:
         return  # answered /health a moment ago: the run's own calls will retry and say so
@@ -87,8 +96,9 @@ def _check_server(uri: str, fix: str) -> None:
 def _refused(uri: str, status: int, user: str | None, token: str | None) -> str:
     stack = "(the team stack's: `source .stack/env`)"
     if status == 403:
-        return (f"MLflow tracking server {uri} lets account {user} read no experiment (403 Forbidden); ask its admin "
-                "for READ, or set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to another account")
+        who = f"account {user}" if user else "this MLFLOW_TRACKING_TOKEN"
+        return (f"MLflow tracking server {uri} lets {who} read no experiment (403 Forbidden); ask its admin for READ, "
+                "or set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to another account")
     if user:
         return (f"MLflow tracking server {uri} refused MLFLOW_TRACKING_USERNAME {user} with this "
                 f"MLFLOW_TRACKING_PASSWORD (401 Unauthorized); set the account's password {stack}")
