@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     set_prefect_defaults()
     # MLflow's own INFO lines (database migrations, system metrics) in a second format between ours: WARNING and up.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # Against an MLflow server, MLflow prints two "View run/experiment at" lines for every run it ends (12 for one
+    # pipeline run); our last line links the pipeline run.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
         if args.command == "serve":
             return serve_pipeline(args.config, args.overrides, args.cron, args.name)

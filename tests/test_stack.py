@@ -421,6 +421,7 @@ def test_a_viewer_reads_the_runs_but_cannot_move_the_champion_or_run_into_the_ex
     done = subprocess.run([str(Path(sys.executable).parent / "twostage"), "run", "-c", "config.yaml"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "View run" not in done.stdout and done.stdout.count("\n") == 2  # the summary and its link, nothing of MLflow's
     tracking = MlflowClient(client_env["MLFLOW_TRACKING_URI"])  # its account is read from the environment per call
     champion = tracking.get_model_version_by_alias("stack-viewer", "champion").version
 
