@@ -62,6 +62,7 @@ STATE = STACK / "stack.json"
 ENV_FILE = STACK / "env"
 WORKER_ENV_FILE = STACK / "worker.env"
 SECRETS_FILE = STACK / "secrets.json"
+ADOPT_MARKER = STACK / "adopt-pending"  # a stack from before accounts: its experiments and models await an owner
 SECRETS = {  # name in secrets.json: what it opens
     "postgres_password": "PostgreSQL's superuser `postgres` over TCP (the servers' databases)",
     "s3_access_key": "the S3 store (with s3_secret_key): the MLflow server and the workers only",
@@ -252,8 +253,10 @@ class Up:
 
     def __init__(self, recorded: dict | None = None) -> None:
         """A new stack on free ports, or (`recorded`: stack.json's state) the running one, to restart a component."""
-        # A stack made before it had accounts: its experiments and models have no owner yet (adopted at `up`)
-        self.adopt = not recorded and not SECRETS_FILE.exists() and (STACK / "postgres" / "PG_VERSION").exists()
+        # A stack made before it had accounts: its experiments and models have no owner yet. Adopted at `up`; the
+        # marker stays until that has succeeded, so an `up` that fails before then leaves it for the next one.
+        if not recorded and not SECRETS_FILE.exists() and (STACK / "postgres" / "PG_VERSION").exists():
+            ADOPT_MARKER.touch()
         self.secrets = stack_secrets()
         if recorded:
             self.ports, self.state = recorded["ports"], recorded
@@ -440,8 +443,9 @@ auth_cache_ttl_seconds = 60
         wait_for("mlflow", lambda: http_ok(f"http://{HOST}:{self.ports['mlflow']}/health"), 180, rec)
         self.mlflow_account(MLFLOW_PIPELINE_USER, self.secrets["mlflow_pipeline_password"])
         self.mlflow_account(MLFLOW_VIEWER_USER, self.secrets["mlflow_viewer_password"])
-        if self.adopt:
+        if ADOPT_MARKER.exists():
             self.adopt_unowned()
+            ADOPT_MARKER.unlink()
 
     def mlflow_admin(self, method: str, path: str, **kwargs):
         """A request to MLflow's REST API as `admin`; a refusal is a StackError naming why."""
@@ -469,10 +473,20 @@ auth_cache_ttl_seconds = 60
     def adopt_unowned(self) -> None:
         """Give the pipeline's account MANAGE on every experiment and registered model of a stack made before it had
         accounts: the pipeline made them all, and without an owner its account could only read them (403)."""
-        experiments = self.mlflow_admin("POST", "2.0/mlflow/experiments/search", json={"max_results": 1000})
-        models = self.mlflow_admin("GET", "2.0/mlflow/registered-models/search", params={"max_results": 1000})
-        owned = [("experiment", e["experiment_id"]) for e in experiments.json().get("experiments", [])] + [
-            ("registered_model", m["name"]) for m in models.json().get("registered_models", [])]
+        def every(method: str, path: str, key: str, **query) -> list[dict]:
+            found, token = [], None
+            while True:
+                page = {**query, "max_results": 1000, **({"page_token": token} if token else {})}
+                answer = (self.mlflow_admin(method, path, json=page) if method == "POST"
+                          else self.mlflow_admin(method, path, params=page)).json()
+                found += answer.get(key, [])
+                if not (token := answer.get("next_page_token")):
+                    return found
+
+        owned = [("experiment", e["experiment_id"]) for e in every(
+            "POST", "2.0/mlflow/experiments/search", "experiments", view_type="ALL")] + [
+            ("registered_model", m["name"]) for m in every("GET", "2.0/mlflow/registered-models/search",
+                                                           "registered_models")]
         for resource_type, resource_id in owned:
             grant = {"username": MLFLOW_PIPELINE_USER, "resource_type": resource_type, "resource_id": resource_id,
                      "permission": "MANAGE"}
@@ -673,7 +687,8 @@ def restart(name: str) -> int:
     if not state or name not in state["processes"]:
         print(f"stack: no {name} recorded in {STATE}", file=sys.stderr)
         return 1
-    if not state.get("authenticated"):
+    exported = ENV_FILE.read_text() if ENV_FILE.exists() else ""
+    if not state.get("authenticated") and "PREFECT_API_AUTH_STRING" not in exported:
         print("stack: this stack was started by a version without credentials; `stack.py down`, then `up`",
               file=sys.stderr)
         return 1

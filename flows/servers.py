@@ -10,6 +10,7 @@ the last saved epoch state are in the run's storage.
 from __future__ import annotations
 
 import base64
+import ssl
 
 import httpx
 import requests
@@ -39,7 +40,8 @@ def check_prefect_server(api_url: str | None) -> None:
     key = settings.key.get_secret_value() if settings.key else None
     headers = ({"Authorization": "Basic " + base64.b64encode(auth_string.encode()).decode()} if auth_string
                else {"Authorization": f"Bearer {key}"} if key else {})
-    verify = False if settings.tls_insecure_skip_verify else settings.ssl_cert_file or True  # as Prefect's client
+    verify = (False if settings.tls_insecure_skip_verify  # as Prefect's client reaches it
+              else ssl.create_default_context(cafile=settings.ssl_cert_file) if settings.ssl_cert_file else True)
     try:
         answer = httpx.get(f"{api_url.rstrip('/')}/admin/version", headers=headers, timeout=10, verify=verify)
     except httpx.HTTPError as error:

@@ -110,7 +110,8 @@ def conform(raw: RawData, config: DataConfig) -> RawData:
             images = ((images.long() * luma).sum(1, keepdim=True) + 0x8000).bitwise_right_shift(16).byte()
         if config.image_size and images.shape[2:] != (config.image_size, config.image_size):
             size = (config.image_size, config.image_size)
-            per_chunk = max(1, 2**24 // (images.shape[1] * config.image_size**2))  # 64 MB of floats at a time
+            pixels = images.shape[1] * max(images.shape[2] * images.shape[3], config.image_size**2)
+            per_chunk = max(1, 2**24 // pixels)  # 64 MB of floats in and out at a time
             images = torch.cat([
                 F.interpolate(chunk.float(), size=size, mode="bilinear", antialias=True).round_().clamp_(0, 255).byte()
                 for chunk in images.split(per_chunk)

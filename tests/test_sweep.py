@@ -73,7 +73,6 @@ def test_a_bad_point_anywhere_is_one_line_naming_it(tmp_path, grids, sweep_file,
         build_sweep(QUICKSTART, [], grids, path)
 
 
-@pytest.mark.cli
 def test_a_point_is_the_same_point_wherever_its_phases_are_stored_and_takes_the_workers_storage(monkeypatch):
     from flows.sweep import _as_parameter
 
@@ -89,6 +88,7 @@ def test_a_point_is_the_same_point_wherever_its_phases_are_stored_and_takes_the_
     assert _as_parameter(chosen.points[0].config)["storage"] == "s3://mine/phases"  # one the user set travels
 
 
+@pytest.mark.cli
 def test_a_bad_point_exits_2_before_anything_runs(tmp_path):
     result = twostage("sweep", "-c", QUICKSTART, "--grid", "seed=0,1", "--grid", "data.val_fraction=0.1,3", cwd=tmp_path)
     assert_one_line_error(result, "sweep point 2 (seed=0 data.val_fraction=3)", "invalid value for 'data.val_fraction'")
