@@ -266,8 +266,7 @@ class Up:
             admin = free_port_pair()  # the admin's HTTP and gRPC ports: SeaweedFS wants them 10000 apart
             ports = [port for port in free_ports(len(names) + 2) if port not in (admin, admin + 10000)]
             self.ports = dict(zip(names, ports)) | {"s3_admin": admin, "s3_admin_grpc": admin + 10000}
-            self.state = {"stack_dir": str(STACK), "ports": self.ports, "processes": {}, "timings_s": {},
-                          "authenticated": True}  # `restart` refuses a stack started before it had credentials
+            self.state = {"stack_dir": str(STACK), "ports": self.ports, "processes": {}, "timings_s": {}}
         self.pg_url = f"postgres@{HOST}:{self.ports['postgres']}"  # its password comes in PGPASSWORD
         self.client_env = {  # a client's: what `source .stack/env` exports
             "PREFECT_API_URL": f"http://{HOST}:{self.ports['prefect']}/api",
@@ -687,8 +686,7 @@ def restart(name: str) -> int:
     if not state or name not in state["processes"]:
         print(f"stack: no {name} recorded in {STATE}", file=sys.stderr)
         return 1
-    exported = ENV_FILE.read_text() if ENV_FILE.exists() else ""
-    if not state.get("authenticated") and "PREFECT_API_AUTH_STRING" not in exported:
+    if "PREFECT_API_AUTH_STRING" not in (ENV_FILE.read_text() if ENV_FILE.exists() else ""):
         print("stack: this stack was started by a version without credentials; `stack.py down`, then `up`",
               file=sys.stderr)
         return 1
